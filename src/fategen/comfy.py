@@ -1,0 +1,640 @@
+"""fategen's link to ComfyUI: one WebSocket, one client id, REST calls, per-prompt trackers.
+
+``ComfySession.run`` is the actor that keeps the WebSocket to ``/ws?clientId=ID`` connected
+(capped exponential back-off while ComfyUI is down) and routes each text message by
+``prompt_id`` to the tracker of that prompt. Binary frames (previews) are ignored.
+
+A job is ``submit`` (``POST /prompt`` with a client-chosen ``prompt_id``), ``follow`` (the
+WebSocket events until ``executing`` with ``node: null``, then ``GET /history/{id}``, the source
+of truth for outputs) and ``fetch_images`` (``GET /view``, or ComfyUI's output folder when
+``folder_path`` is set). ``run_prompt`` does all three.
+
+Errors (each ``str()`` is one sentence):
+
+* :class:`ComfyError`: the prompt was refused (node errors), failed (``execution_error``),
+  was interrupted or cancelled, or ComfyUI answered 5xx.
+* :class:`ComfyUnavailable`: ComfyUI cannot be reached, or it lost the job (it restarted while
+  the job was queued or running): the caller may retry the job.
+* :class:`JobTimeout`: no event for the prompt for ``stall_timeout`` seconds, or the job ran
+  past ``job_timeout``; the prompt is deleted from the queue and interrupted first.
+* :class:`ImageError`: an image could not be fetched.
+
+Ownership: ``ComfySession.open(...)`` creates and closes its own ``httpx.AsyncClient``. A client
+passed as ``http=`` belongs to the caller, who closes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import attrs
+import httpx
+import trio
+import trio_websocket
+
+from fategen.comfy_client import (
+    INTERRUPTED,
+    ComfyMessage,
+    ComfyRest,
+    Executed,
+    Executing,
+    ExecutionCached,
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionStart,
+    ExecutionSuccess,
+    ImageRef,
+    Progress,
+    Status,
+    execution_error_sentence,
+    history_failure,
+    images_from_outputs,
+    parse_message,
+    select_images,
+)
+from fategen.errors import ComfyError, ComfyUnavailable, JobTimeout
+
+__all__ = ["ComfySession", "ImageRef", "SessionStatistics"]
+
+log = logging.getLogger("fategen.comfy")
+
+#: WebSocket frames can carry preview images far above trio-websocket's 1 MiB default.
+MAX_MESSAGE_SIZE = 64 * 2**20
+#: Delays between GET /history look-ups while the entry is not written yet.
+_HISTORY_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+#: How long clean-up calls (interrupt, queue delete) may take.
+_CLEANUP_SECONDS = 5.0
+#: Progress updates kept per prompt while nobody follows it.
+_PROGRESS_BUFFER = 64
+
+OnProgress = Callable[[int, int], None]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
+
+
+@attrs.frozen
+class SessionStatistics:
+    """A snapshot of the session for /health."""
+
+    available: bool
+    last_error: str | None
+    queue_remaining: int | None
+    tracked_prompts: int
+    connections: int
+
+
+class _Stalled(Exception):
+    """Internal: no event for the prompt within the stall limit."""
+
+
+class _Tracker:
+    """What the reader learnt about one prompt; ``changed()`` fires on every update."""
+
+    def __init__(self, prompt_id: str, workflow: Mapping[str, Any], connection: int) -> None:
+        self.prompt_id = prompt_id
+        self.workflow = workflow
+        #: The connection whose messages this tracker has seen; differs after a reconnect.
+        self.connection = connection
+        self.last_activity = trio.current_time()
+        self.started = False
+        self.finished = False
+        self.failure: str | None = None
+        self.cancelled = False
+        self.progress: deque[tuple[int, int]] = deque(maxlen=_PROGRESS_BUFFER)
+        self.executed_images: list[ImageRef] = []
+        self._changed = trio.Event()
+
+    def changed(self) -> trio.Event:
+        return self._changed
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def touch(self) -> None:
+        self.last_activity = trio.current_time()
+        self.notify()
+
+    def apply(self, message: ComfyMessage) -> None:
+        if isinstance(message, ExecutionStart | ExecutionCached):
+            self.started = True
+        elif isinstance(message, Executing):
+            self.started = True
+            if message.node is None:
+                self.finished = True
+        elif isinstance(message, Progress):
+            self.progress.append((message.value, message.max))
+        elif isinstance(message, Executed):
+            self.executed_images.extend(message.images)
+        elif isinstance(message, ExecutionError):
+            self.failure = self.failure or execution_error_sentence(message, self.workflow)
+        elif isinstance(message, ExecutionInterrupted):
+            self.failure = self.failure or INTERRUPTED
+        elif isinstance(message, ExecutionSuccess):
+            pass
+        self.touch()
+
+
+class ComfySession:
+    """One ComfyUI server: a WebSocket kept open by :meth:`run`, and the REST calls.
+
+    Args:
+        base_url: ``http://host:port`` of ComfyUI (the WebSocket is ``ws://host:port/ws``).
+        http: an httpx client to use (the caller owns and closes it); by default one is made
+            and closed by :meth:`aclose` (or use :meth:`open`).
+        folder_path: ComfyUI's output folder, if this machine can read it: images of type
+            ``output`` are then read from it instead of through ``GET /view``.
+        connect_timeout: seconds for the WebSocket handshake.
+        stall_timeout: seconds without an event for a prompt before it is given up. While the
+            prompt waits in ComfyUI's queue, any message from ComfyUI counts as an event.
+        job_timeout: seconds a prompt may take from :meth:`follow` to its end.
+        backoff_initial, backoff_max: reconnection delays (doubling, capped).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+        folder_path: Path | None = None,
+        connect_timeout: float = 10,
+        stall_timeout: float = 120,
+        job_timeout: float = 900,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._owns_http = http is None
+        self._http = http if http is not None else httpx.AsyncClient(timeout=30)
+        self.rest = ComfyRest(self.base_url, self._http)
+        self.folder_path = folder_path
+        self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout
+        self.job_timeout = job_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.client_id = uuid.uuid4().hex
+        self.last_error: str | None = None
+        self.queue_remaining: int | None = None
+        self._available = False
+        self._available_changed = trio.Event()
+        self._connection = 0
+        self._trackers: dict[str, _Tracker] = {}
+        self._file_limiter = trio.CapacityLimiter(4)
+        self._warned_folder = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, base_url: str, **kwargs: Any) -> AsyncIterator[ComfySession]:
+        """A session owning its httpx client, closed on exit. ``run`` is still the caller's."""
+        session = cls(base_url, **kwargs)
+        try:
+            yield session
+        finally:
+            await session.aclose()
+
+    async def aclose(self) -> None:
+        """Close the httpx client if the session made it."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    # --- connection -----------------------------------------------------------------------------
+
+    @property
+    def ws_url(self) -> str:
+        scheme, rest = self.base_url.split("://", 1)
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/ws?clientId={self.client_id}"
+
+    @property
+    def available(self) -> bool:
+        """True while the WebSocket is connected."""
+        return self._available
+
+    async def wait_available(self) -> None:
+        """Return once the WebSocket is connected (at once if it is)."""
+        while not self._available:
+            await self._available_changed.wait()
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            available=self._available,
+            last_error=self.last_error,
+            queue_remaining=self.queue_remaining,
+            tracked_prompts=len(self._trackers),
+            connections=self._connection,
+        )
+
+    def _set_available(self, available: bool) -> None:
+        if available == self._available:
+            return
+        self._available = available
+        self._available_changed.set()
+        self._available_changed = trio.Event()
+        if not available:
+            for tracker in self._trackers.values():
+                tracker.notify()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Keep the WebSocket connected and route its messages, forever.
+
+        Starts at once (``task_status.started()`` before the first connection), so the service
+        runs while ComfyUI is down; ``available`` and ``last_error`` tell how it goes. A failed
+        connection is retried after ``backoff_initial`` seconds, doubling up to ``backoff_max``.
+        """
+        task_status.started()
+        delay = self.backoff_initial
+        while True:
+            try:
+                async with trio_websocket.open_websocket_url(
+                    self.ws_url,
+                    max_message_size=MAX_MESSAGE_SIZE,
+                    connect_timeout=self.connect_timeout,
+                    disconnect_timeout=1,
+                ) as ws:
+                    self._connection += 1
+                    self.last_error = None
+                    self._set_available(True)
+                    delay = self.backoff_initial
+                    log.info("connected to ComfyUI at %s", self.base_url)
+                    await self._read(ws)
+            except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError) as exc:
+                reason = _describe(exc)
+                if self._available:
+                    log.warning("lost the connection to ComfyUI at %s: %s", self.base_url, reason)
+                    self.last_error = f"lost the connection to ComfyUI at {self.base_url}: {reason}"
+                else:
+                    if self.last_error is None:
+                        log.warning("ComfyUI at %s is unavailable: %s", self.base_url, reason)
+                    self.last_error = f"cannot connect to ComfyUI at {self.base_url}: {reason}"
+            except Exception as exc:  # the link must outlive surprises; they are logged
+                log.exception("the WebSocket to ComfyUI at %s failed", self.base_url)
+                self.last_error = f"the connection to ComfyUI at {self.base_url} failed: {exc!r}"
+            finally:
+                self._set_available(False)
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            frame = await ws.get_message()
+            if isinstance(frame, bytes):
+                continue
+            message = parse_message(frame)
+            if message is None:
+                continue
+            self._route(message)
+
+    def _route(self, message: ComfyMessage) -> None:
+        if isinstance(message, Status):
+            self.queue_remaining = message.queue_remaining
+        else:
+            tracker = self._trackers.get(message.prompt_id)
+            if tracker is not None:
+                tracker.apply(message)
+        # While a prompt waits its turn, any sign of life from ComfyUI holds its stall clock.
+        for tracker in self._trackers.values():
+            if not tracker.started:
+                tracker.touch()
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def _track(self, prompt_id: str, workflow: Mapping[str, Any]) -> _Tracker:
+        if prompt_id in self._trackers:
+            raise ComfyError(f"the prompt {prompt_id} is already being followed")
+        tracker = _Tracker(prompt_id, workflow, self._connection)
+        self._trackers[prompt_id] = tracker
+        return tracker
+
+    def _forget(self, tracker: _Tracker) -> None:
+        if self._trackers.get(tracker.prompt_id) is tracker:
+            del self._trackers[tracker.prompt_id]
+
+    async def submit(self, workflow: Mapping[str, Any], *, prompt_id: str) -> None:
+        """Queue ``workflow`` on ComfyUI as ``prompt_id`` (a lowercase hyphenated UUID).
+
+        Waits until the WebSocket is connected (wrap it in ``trio.fail_after`` to bound that).
+        The prompt is tracked from before the POST, so no message is missed; call
+        :meth:`follow` next.
+
+        Raises:
+            ComfyError: ComfyUI refused the workflow (one sentence naming the node and input),
+                or answered 5xx.
+            ComfyUnavailable: ComfyUI cannot be reached.
+        """
+        await self.wait_available()
+        tracker = self._track(prompt_id, workflow)
+        try:
+            await self.rest.post_prompt(workflow, client_id=self.client_id, prompt_id=prompt_id)
+        except BaseException:
+            self._forget(tracker)
+            raise
+        # Activity counts from the moment ComfyUI has the prompt.
+        tracker.touch()
+
+    async def follow(self, prompt_id: str, on_progress: OnProgress | None = None) -> list[ImageRef]:
+        """Follow a submitted prompt to its end; return its images (from ``/history``).
+
+        ``on_progress(value, max)`` is called for each ``progress`` message (sampler steps).
+        A prompt that was not submitted through this session (say, before a restart) is
+        looked up in ``/history`` and ``/queue`` first.
+
+        Images: every image of every output node in the history entry, type ``output``
+        (SaveImage); only if there are none, type ``temp`` (PreviewImage).
+
+        Raises:
+            ComfyError: ``execution_error`` (naming the node), ``execution_interrupted``,
+                cancelled through :meth:`cancel`, or finished without images.
+            ComfyUnavailable: ComfyUI went away and did not come back within
+                ``stall_timeout``, or it came back without the job (lost: retry it).
+            JobTimeout: stalled or over ``job_timeout``; the prompt was stopped on ComfyUI.
+        """
+        tracker = self._trackers.get(prompt_id)
+        if tracker is None:
+            tracker = self._track(prompt_id, {})
+            tracker.connection = -1  # unknown past: reconcile with /history and /queue first
+        sentence: str | None = None
+        try:
+            with trio.move_on_after(self.job_timeout):
+                try:
+                    return await self._follow(tracker, on_progress)
+                except _Stalled:
+                    sentence = (
+                        f"ComfyUI reported nothing about the job for "
+                        f"{_seconds(self.stall_timeout)}, so it was stopped"
+                    )
+            if sentence is None:
+                sentence = (
+                    f"the job ran longer than {_seconds(self.job_timeout)} on ComfyUI, "
+                    f"so it was stopped"
+                )
+        finally:
+            self._forget(tracker)
+        log.warning("prompt %s: %s", prompt_id, sentence)
+        with trio.move_on_after(_CLEANUP_SECONDS):
+            await self._stop_quietly(prompt_id)
+        raise JobTimeout(sentence)
+
+    async def _follow(self, tracker: _Tracker, on_progress: OnProgress | None) -> list[ImageRef]:
+        while True:
+            changed = tracker.changed()
+            if tracker.cancelled:
+                raise ComfyError("the job was cancelled")
+            while tracker.progress:
+                value, maximum = tracker.progress.popleft()
+                if on_progress is not None:
+                    on_progress(value, maximum)
+            if tracker.failure is not None:
+                raise ComfyError(tracker.failure)
+            if tracker.finished:
+                return await self._outputs(tracker)
+            if not self._available or tracker.connection != self._connection:
+                images = await self._reconcile(tracker)
+                if images is not None:
+                    return images
+                continue
+            with trio.move_on_at(tracker.last_activity + self.stall_timeout):
+                await changed.wait()
+            if not changed.is_set():
+                raise _Stalled
+
+    async def _reconcile(self, tracker: _Tracker) -> list[ImageRef] | None:
+        """After a reconnect: is the prompt done (images), still queued (None), or lost?"""
+        with trio.move_on_after(self.stall_timeout) as scope:
+            await self.wait_available()
+        if scope.cancelled_caught:
+            raise ComfyUnavailable(
+                f"ComfyUI went away during the job and was not back within "
+                f"{_seconds(self.stall_timeout)}"
+            )
+        connection = self._connection
+        pid = tracker.prompt_id
+        entry = await self.rest.history(pid)
+        if entry is None:
+            running, pending = await self.rest.queue()
+            if pid in running or pid in pending:
+                log.info(
+                    "prompt %s is still %s after a reconnect",
+                    pid,
+                    "running" if pid in running else "queued",
+                )
+                tracker.connection = connection
+                tracker.started = tracker.started or pid in running
+                tracker.touch()
+                return None
+            entry = await self.rest.history(pid)  # it may have ended between the two calls
+        if entry is None:
+            raise ComfyUnavailable(
+                "ComfyUI lost the job (it is neither queued nor in its history, "
+                "ComfyUI probably restarted); it can be submitted again"
+            )
+        tracker.connection = connection
+        return self._images_from_entry(tracker, entry)
+
+    async def _outputs(self, tracker: _Tracker) -> list[ImageRef]:
+        """The history entry after ``executing`` null (retried: it may not be stored yet)."""
+        entry = await self.rest.history(tracker.prompt_id)
+        for delay in _HISTORY_RETRIES:
+            if entry is not None:
+                break
+            await trio.sleep(delay)
+            entry = await self.rest.history(tracker.prompt_id)
+        if entry is None:
+            images = select_images(tracker.executed_images)
+            if images:
+                log.warning(
+                    "prompt %s: no history entry, using the executed messages", tracker.prompt_id
+                )
+                return images
+            raise ComfyError("ComfyUI finished the job but has no record of its results")
+        return self._images_from_entry(tracker, entry)
+
+    @staticmethod
+    def _images_from_entry(tracker: _Tracker, entry: Mapping[str, Any]) -> list[ImageRef]:
+        failure = history_failure(entry, tracker.workflow)
+        if failure is not None:
+            raise ComfyError(failure)
+        outputs = entry.get("outputs")
+        images = images_from_outputs(outputs if isinstance(outputs, Mapping) else {})
+        if not images:
+            raise ComfyError(
+                "ComfyUI finished the job without any image (does the workflow save one?)"
+            )
+        return images
+
+    async def lookup(self, prompt_id: str) -> Literal["done", "running", "queued", "unknown"]:
+        """Where ComfyUI has the prompt: ``done`` (in ``/history``, whatever its end),
+        ``running``, ``queued`` (pending), or ``unknown`` (never seen, deleted, or lost).
+
+        Raises:
+            ComfyUnavailable: ComfyUI cannot be reached.
+        """
+        if await self.rest.history(prompt_id) is not None:
+            return "done"
+        running, pending = await self.rest.queue()
+        if prompt_id in running:
+            return "running"
+        if prompt_id in pending:
+            return "queued"
+        if await self.rest.history(prompt_id) is not None:  # ended between the two calls
+            return "done"
+        return "unknown"
+
+    async def cancel(self, prompt_id: str) -> None:
+        """Stop a prompt: delete it from the queue if pending, interrupt it if running.
+
+        The interrupt names the prompt, so another job that happens to run is left alone.
+        A :meth:`follow` of the prompt raises ``ComfyError("the job was cancelled")``.
+
+        Raises:
+            ComfyUnavailable: ComfyUI cannot be reached.
+        """
+        tracker = self._trackers.get(prompt_id)
+        if tracker is not None:
+            tracker.cancelled = True
+            tracker.notify()
+        await self.rest.delete_from_queue([prompt_id])
+        await self.rest.interrupt(prompt_id)
+
+    async def _stop_quietly(self, prompt_id: str) -> None:
+        try:
+            await self.rest.delete_from_queue([prompt_id])
+            await self.rest.interrupt(prompt_id)
+        except (ComfyError, ComfyUnavailable) as exc:
+            log.warning("could not stop prompt %s on ComfyUI: %s", prompt_id, exc)
+
+    async def run_prompt(
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        prompt_id: str,
+        on_progress: OnProgress | None = None,
+    ) -> list[bytes]:
+        """Submit, follow and fetch: the image files' bytes, in output order.
+
+        If the caller cancels this call, the prompt is stopped on ComfyUI (shielded, bounded).
+        Raises what :meth:`submit`, :meth:`follow` and :meth:`fetch_images` raise.
+        """
+        await self.submit(workflow, prompt_id=prompt_id)
+        try:
+            refs = await self.follow(prompt_id, on_progress)
+        except trio.Cancelled:
+            with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
+                await self._stop_quietly(prompt_id)
+            raise
+        return await self.fetch_images(refs)
+
+    # --- images ---------------------------------------------------------------------------------
+
+    async def fetch_images(self, refs: Sequence[ImageRef]) -> list[bytes]:
+        """The bytes of each image, in order.
+
+        With ``folder_path`` set, ``output`` images are read from that folder (in a worker
+        thread); a name that resolves outside the folder is refused (ComfyError); a file that
+        is not there is fetched through ``GET /view`` instead (logged once), so a wrong or
+        remote folder only costs speed. ``temp`` images always come through ``/view``.
+
+        Raises:
+            ImageError: ComfyUI has no such image (404) or would not send it.
+            ComfyError: a name points outside the output folder.
+            ComfyUnavailable: ComfyUI cannot be reached.
+        """
+        results: list[bytes] = []
+        for ref in refs:
+            data = await self._read_local(ref)
+            results.append(data if data is not None else await self.rest.view(ref))
+        return results
+
+    async def _read_local(self, ref: ImageRef) -> bytes | None:
+        folder = self.folder_path
+        if folder is None or ref.type != "output":
+            return None
+
+        def read() -> bytes | None:
+            root = folder.resolve()
+            path = (root / ref.subfolder / ref.filename).resolve()
+            if not path.is_relative_to(root):
+                name = f"{ref.subfolder}/{ref.filename}" if ref.subfolder else ref.filename
+                raise ComfyError(f'ComfyUI named an image outside its output folder: "{name}"')
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        data = await trio.to_thread.run_sync(read, limiter=self._file_limiter)
+        if data is None and not self._warned_folder:
+            self._warned_folder = True
+            log.warning(
+                "image %s is not in %s; reading images through ComfyUI's /view instead",
+                ref.filename,
+                folder,
+            )
+        return data
+
+    # --- maintenance ----------------------------------------------------------------------------
+
+    async def free(self, *, unload_models: bool = True, free_memory: bool = False) -> None:
+        """``POST /free``: unload models from VRAM, and with ``free_memory`` drop RAM caches.
+
+        Raises:
+            ComfyUnavailable: ComfyUI cannot be reached.
+            ComfyError: ComfyUI answered with an error.
+        """
+        await self.rest.free(unload_models=unload_models, free_memory=free_memory)
+
+    async def check_setup(
+        self, node_classes: Mapping[str, set[str]], checkpoints: Mapping[str, str]
+    ) -> list[str]:
+        """Warnings (one sentence each) for what the configuration needs and ComfyUI lacks.
+
+        Args:
+            node_classes: workflow template name -> the node class types it uses.
+            checkpoints: model id -> checkpoint file name.
+
+        Raises:
+            ComfyUnavailable: ComfyUI cannot be reached.
+        """
+        warnings: list[str] = []
+        info = await self.rest.object_info()
+        for template in sorted(node_classes):
+            for class_type in sorted(node_classes[template] - set(info)):
+                warnings.append(
+                    f'workflow template "{template}" uses node type "{class_type}", which '
+                    f"ComfyUI does not have (a custom node may be missing)"
+                )
+        installed = await self.rest.checkpoints()
+        if installed is None:  # older ComfyUI: read the loader's choices
+            loader = info.get("CheckpointLoaderSimple") or {}
+            try:
+                installed = list(loader["input"]["required"]["ckpt_name"][0])
+            except (KeyError, IndexError, TypeError):
+                installed = []
+        for model_id in sorted(checkpoints):
+            name = checkpoints[model_id]
+            if name not in installed:
+                warnings.append(
+                    f'model "{model_id}": checkpoint "{name}" is not installed on ComfyUI'
+                )
+        return warnings
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return "the WebSocket handshake timed out"
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"the WebSocket was rejected ({exc.status_code})"
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        return f"the WebSocket closed ({exc.reason})"
+    if isinstance(exc, trio_websocket.HandshakeError) and cause is not None:
+        return str(cause) or type(cause).__name__
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,191 @@
+"""The narrow interface the HTTP layer uses: submit, look up, wait for and cancel jobs.
+
+It validates what a bot sends, turns it into jobs through the store and the scheduler, and
+never hands out anything mutable: readers get `JobView` snapshots.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import unicodedata
+from collections.abc import Mapping
+from typing import Protocol
+
+import attrs
+import trio
+
+from fategen.errors import FategenError
+from fategen.jobs import Job, JobStatus, JobStore, JobView
+from fategen.modelconfig import ModelConfig
+from fategen.prompt import GenerationRequest, parse_request
+from fategen.scheduler import Scheduler
+from fategen.workflow import WorkflowTemplate, build_workflow
+
+log = logging.getLogger("fategen.jobs")
+
+MAX_NICK = 64
+MAX_MESSAGE = 4000
+MAX_IDEMPOTENCY_KEY = 200
+
+
+class Refused(FategenError):
+    """A request the service will not take; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Canceller(Protocol):
+    async def cancel(self, job: Job, by: str) -> None: ...
+
+
+class Health(Protocol):
+    @property
+    def available(self) -> bool: ...
+    @property
+    def last_error(self) -> str | None: ...
+
+
+def clean_nick(raw: str) -> str:
+    nick = raw.strip()
+    if not nick:
+        raise Refused("nick must not be empty")
+    if len(nick) > MAX_NICK:
+        raise Refused(f"nick is too long ({len(nick)} characters, at most {MAX_NICK})")
+    if any(unicodedata.category(c)[0] in ("C", "Z") and c != " " for c in nick):
+        raise Refused("nick must not contain control characters, line breaks or tabs")
+    return nick
+
+
+@attrs.define(eq=False)
+class Frontdesk:
+    store: JobStore
+    scheduler: Scheduler
+    config: ModelConfig
+    templates: Mapping[str, WorkflowTemplate]
+    canceller: Canceller
+    health: Health
+    max_queue: int = 500
+    max_queue_per_user: int = 10
+    rng: random.Random = attrs.field(factory=random.SystemRandom)
+    stopping: bool = False
+    _submit_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+
+    def parse(self, message: str) -> GenerationRequest:
+        if len(message) > MAX_MESSAGE:
+            raise Refused(
+                f"the message is too long ({len(message)} characters, at most {MAX_MESSAGE})"
+            )
+        request = parse_request(message, self.config, rng=self.rng)
+        spec = self.config.models[request.model]
+        # Fail now, not in the queue, if the model's template cannot take this request.
+        build_workflow(self.templates[spec.workflow], spec, request, filename_prefix="fategen")
+        return request
+
+    async def submit(
+        self, nick: str, message: str, *, idempotency_key: str | None = None
+    ) -> JobView:
+        """Queue a job; it is on disk before this returns.
+
+        Raises:
+            Refused: the message, nick or queue caps refuse it (``status`` 400/429/503).
+            PromptError, WorkflowError: the message cannot become a job.
+        """
+        if self.stopping:
+            raise Refused("the service is shutting down; try again shortly", 503, retry_after=5)
+        nick = clean_nick(nick)
+        if idempotency_key is not None:
+            idempotency_key = idempotency_key.strip()
+            if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+                raise Refused(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        request = self.parse(message)
+        async with self._submit_lock:
+            if idempotency_key is not None:
+                earlier = self.store.by_idempotency_key(nick, idempotency_key)
+                if earlier is not None:
+                    view = self.store.view(earlier.id)
+                    assert view is not None
+                    return view
+            if self.store.count_queued() >= self.max_queue:
+                raise Refused(
+                    f"the queue is full ({self.max_queue} jobs); try again in a minute",
+                    429,
+                    retry_after=60,
+                )
+            mine = self.store.count_queued(nick)
+            if mine >= self.max_queue_per_user:
+                raise Refused(
+                    f"{nick} already has {mine} jobs queued (the limit is "
+                    f"{self.max_queue_per_user}); wait for one to finish",
+                    429,
+                    retry_after=30,
+                )
+            job = Job(
+                id=Job.new_id(),
+                nick=nick,
+                message=message,
+                request=request,
+                idempotency_key=idempotency_key,
+            )
+            await self.store.add(job)
+        self.scheduler.wake()
+        view = self.store.view(job.id)
+        assert view is not None
+        log.info(
+            "job %s accepted from %s: %s, %dx%d, %d image(s), seed %d, queue position %s",
+            job.id,
+            nick,
+            request.model,
+            request.width,
+            request.height,
+            request.count,
+            request.seed,
+            view.queue_position,
+        )
+        return view
+
+    def view(self, job_id: str) -> JobView | None:
+        return self.store.view(job_id)
+
+    async def wait_finished(self, job_id: str) -> None:
+        """Block until the job has finished (or the service stops); wrap it in a timeout."""
+        while not self.stopping:
+            job = self.store.get(job_id)
+            if job is None or job.status.finished:
+                return
+            await self.store.wait_change(job_id)
+
+    async def cancel(self, job_id: str, *, nick: str | None, admin: bool) -> JobView:
+        job = self.store.get(job_id)
+        if job is None:
+            raise Refused(f"there is no job {job_id}", 404)
+        if not admin:
+            if nick is None:
+                raise Refused("say which nick submitted the job (?nick=...) to cancel it", 403)
+            if clean_nick(nick) != job.nick:
+                raise Refused(f"job {job_id} belongs to another nick; only it may cancel it", 403)
+        who = "admin" if admin and nick is None else (nick or "admin")
+        if job.status.finished:
+            raise Refused(f"job {job_id} has already {job.status.value}", 409)
+        if job.status is JobStatus.QUEUED and not self.scheduler.is_dispatched(job.id):
+            await self.store.update(
+                job, status=JobStatus.CANCELLED, cancelled_by=who, finished=time.time()
+            )
+            log.info("job %s cancelled by %s while queued", job.id, who)
+        else:
+            await self.canceller.cancel(job, who)
+            with trio.move_on_after(10):
+                while not job.status.finished:
+                    await self.store.wait_change(job.id)
+        view = self.store.view(job_id)
+        assert view is not None
+        return view
+
+    def stop(self) -> None:
+        """Refuse new jobs and wake every waiter with the current state."""
+        self.stopping = True
+        self.store.wake_all()

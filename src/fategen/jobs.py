@@ -1,0 +1,280 @@
+"""Jobs and the job store: the one source of truth for job state.
+
+Every change goes through `JobStore`, which writes it to SQLite (in a worker thread) before it
+becomes visible, then wakes whoever waits on that job. Readers (the HTTP front end) get frozen
+`JobView` snapshots and never touch the mutable `Job`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+import trio
+
+from fategen.db import JobDB
+from fategen.prompt import GenerationRequest
+
+log = logging.getLogger("fategen.jobs")
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@attrs.define
+class Job:
+    id: str
+    nick: str
+    message: str
+    request: GenerationRequest
+    seq: int = 0
+    status: JobStatus = JobStatus.QUEUED
+    created: float = attrs.field(factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    progress_value: int = 0
+    progress_max: int = 0
+    result: str | None = None
+    error: str | None = None
+    #: How many times the job was started (a crash mid-job makes it run again once).
+    attempts: int = 0
+    cancelled_by: str | None = None
+    idempotency_key: str | None = None
+    #: How many times the scheduler passed this job over for model affinity.
+    passed_over: int = 0
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    @staticmethod
+    def new_id() -> str:
+        return str(uuid.uuid4())
+
+
+@attrs.frozen
+class JobView:
+    """An immutable snapshot of a job, for readers."""
+
+    id: str
+    nick: str
+    status: JobStatus
+    queue_position: int | None
+    request: GenerationRequest
+    created: float
+    started: float | None
+    finished: float | None
+    progress_value: int
+    progress_max: int
+    result: str | None
+    error: str | None
+    cancelled_by: str | None
+
+
+converter = cattrs.Converter()
+
+
+class JobStore:
+    """Holds every known job, persists each change, and wakes waiters on change.
+
+    Only the scheduler (and the actors it hands jobs to) mutate jobs, through the methods here.
+    """
+
+    def __init__(self, db: JobDB) -> None:
+        self._db = db
+        self._jobs: dict[str, Job] = {}
+        self._changed: dict[str, trio.Event] = {}
+        self._idempotency: dict[tuple[str, str], str] = {}
+        self._seq = 0
+        #: Orders queued jobs; the scheduler installs its policy here.
+        self.order_queued: Callable[[list[Job]], list[Job]] = lambda jobs: sorted(
+            jobs, key=lambda j: j.seq
+        )
+        #: Called with the number of queued + processing jobs when it goes from 0 to more or
+        #: back to 0 (not on every change: the watchdog only cares about idle vs busy).
+        self.on_activity: Callable[[int], None] = lambda active: None
+        self._active = 0
+        self._any_change = trio.Event()
+        #: Serializes `update`: each write starts from the state the previous one left.
+        self._write_lock = trio.Lock()
+        #: Jobs loaded from disk that may already be known to ComfyUI (looked up before submit).
+        self.recovered: set[str] = set()
+
+    # -- loading -------------------------------------------------------------------------
+    async def load(self) -> list[Job]:
+        """Load every job from disk; returns those that were processing when we stopped."""
+        jobs = await self._db.run(self._db.load_all)
+        interrupted = []
+        for job in jobs:
+            self._jobs[job.id] = job
+            self._seq = max(self._seq, job.seq)
+            if job.idempotency_key:
+                self._idempotency[(job.nick, job.idempotency_key)] = job.id
+            if job.status is JobStatus.PROCESSING:
+                interrupted.append(job)
+        self._note_activity()
+        return interrupted
+
+    # -- reading -------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def view(self, job_id: str) -> JobView | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        return self._view(job, self.queue_position(job))
+
+    def _view(self, job: Job, position: int | None) -> JobView:
+        return JobView(
+            id=job.id,
+            nick=job.nick,
+            status=job.status,
+            queue_position=position,
+            request=job.request,
+            created=job.created,
+            started=job.started,
+            finished=job.finished,
+            progress_value=job.progress_value,
+            progress_max=job.progress_max,
+            result=job.result,
+            error=job.error,
+            cancelled_by=job.cancelled_by,
+        )
+
+    def queued(self) -> list[Job]:
+        """Queued jobs in the order they will run."""
+        return self.order_queued([j for j in self._jobs.values() if j.status is JobStatus.QUEUED])
+
+    def processing(self) -> list[Job]:
+        return [j for j in self._jobs.values() if j.status is JobStatus.PROCESSING]
+
+    def queue_position(self, job: Job) -> int | None:
+        """0 while processing, 1 for the next to run, ...; None once finished."""
+        if job.status is JobStatus.PROCESSING:
+            return 0
+        if job.status is not JobStatus.QUEUED:
+            return None
+        for index, other in enumerate(self.queued(), start=1):
+            if other.id == job.id:
+                return index
+        return None
+
+    def count_queued(self, nick: str | None = None) -> int:
+        return sum(
+            1
+            for j in self._jobs.values()
+            if j.status is JobStatus.QUEUED and (nick is None or j.nick == nick)
+        )
+
+    def by_idempotency_key(self, nick: str, key: str) -> Job | None:
+        job_id = self._idempotency.get((nick, key))
+        return None if job_id is None else self._jobs.get(job_id)
+
+    def all_jobs(self) -> Iterable[Job]:
+        return self._jobs.values()
+
+    async def wait_change(self, job_id: str) -> None:
+        """Block until the job changes (cheap: one Event shared by every waiter of the job)."""
+        event = self._changed.get(job_id)
+        if event is None:
+            event = self._changed[job_id] = trio.Event()
+        try:
+            await event.wait()
+        finally:
+            # The last waiter gave up (a timed-out long-poll): do not keep the event forever.
+            if (
+                not event.is_set()
+                and not event.statistics().tasks_waiting
+                and self._changed.get(job_id) is event
+            ):
+                del self._changed[job_id]
+
+    def wake_all(self) -> None:
+        """Wake every waiter (used at shutdown so long-polls answer at once)."""
+        for event in self._changed.values():
+            event.set()
+        self._changed.clear()
+
+    # -- writing -------------------------------------------------------------------------
+    async def add(self, job: Job) -> None:
+        self._seq += 1
+        job.seq = self._seq
+        await self._db.run(self._db.insert, job)
+        self._jobs[job.id] = job
+        if job.idempotency_key:
+            self._idempotency[(job.nick, job.idempotency_key)] = job.id
+        self._changed_now(job)
+
+    async def update(self, job: Job, **changes: Any) -> None:
+        """Apply ``changes`` to the job, persist, then make them visible and wake waiters."""
+        async with self._write_lock:
+            # Built under the lock: a concurrent update of the same job must not be
+            # overwritten on disk by a copy taken before it was applied.
+            candidate = attrs.evolve(job, **changes)
+            await self._db.run(self._db.save, candidate)
+            for name, value in changes.items():
+                setattr(job, name, value)
+        self._changed_now(job)
+
+    def set_progress(self, job: Job, value: int, maximum: int) -> None:
+        """Progress is not persisted (it is meaningless after a restart)."""
+        job.progress_value, job.progress_max = value, maximum
+        self._wake(job.id)
+
+    async def delete(self, jobs: list[Job]) -> None:
+        await self._db.run(self._db.delete, [j.id for j in jobs])
+        for job in jobs:
+            self._jobs.pop(job.id, None)
+            if job.idempotency_key:
+                self._idempotency.pop((job.nick, job.idempotency_key), None)
+            self._wake(job.id)
+        self._note_activity()
+        self._any_change.set()
+        self._any_change = trio.Event()
+
+    def _changed_now(self, job: Job) -> None:
+        self._wake(job.id)
+        self._note_activity()
+        self._any_change.set()
+        self._any_change = trio.Event()
+
+    async def wait_any_change(self) -> None:
+        """Block until any job changes state."""
+        await self._any_change.wait()
+
+    def _wake(self, job_id: str) -> None:
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def _note_activity(self) -> None:
+        active = sum(1 for j in self._jobs.values() if not j.status.finished)
+        was_busy = self._active > 0
+        self._active = active
+        if (active > 0) != was_busy:
+            self.on_activity(active)
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+
+def result_path(output_dir: Path, job_id: str) -> Path:
+    return output_dir / f"{job_id}.webp"

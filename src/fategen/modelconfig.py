@@ -1,0 +1,224 @@
+"""The model configuration (``config/modelConfiguration.json``): models, their templates, defaults.
+
+The file looks like::
+
+    {
+      "DEFAULTS": {"width": 1024, "height": 1024, "count": 1, "model": "illustriousXL"},
+      "models": {
+        "illustriousXL": {"checkpointName": "...", "workflow": "sdxl", "steps": 28,
+                          "imageWidth": 1024, "imageHeight": 1024,
+                          "defaultPositivePrompt": "masterpiece", ...}
+      }
+    }
+
+Loading is pure (``parse_model_config``) apart from reading the file; errors name the JSON path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, override
+
+from fategen.errors import ConfigError
+
+
+@attrs.frozen
+class ModelSpec:
+    """One model a user can pick with ``-m``."""
+
+    checkpoint_name: str
+    workflow: str
+    steps: int
+    image_width: int
+    image_height: int
+    default_positive_prompt: str
+    default_negative_prompt: str = ""
+    cfg: float | None = None
+    sampler: str | None = None
+    scheduler: str | None = None
+    description: str = ""
+    #: Text put before the user's prompt inside the positive encoder (Lumina 2's system prompt).
+    system_prompt: str = ""
+
+
+@attrs.frozen
+class Defaults:
+    """What a request gets when the user says nothing, and the limits every request obeys."""
+
+    width: int
+    height: int
+    count: int
+    model: str
+    min_size: int = 256
+    max_size: int = 2048
+    #: Largest width * height accepted (the default allows 1536 x 1536, or 2048 x 1152).
+    max_pixels: int = 1536 * 1536
+    max_count: int = 4
+
+
+@attrs.frozen
+class ModelConfig:
+    defaults: Defaults
+    models: Mapping[str, ModelSpec]
+
+    def model(self, model_id: str) -> ModelSpec:
+        return self.models[model_id]
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def strict_int(value: Any, _: type) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {json.dumps(value)}")
+        return value
+
+    def strict_float(value: Any, _: type) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {json.dumps(value)}")
+        return float(value)
+
+    def strict_str(value: Any, _: type) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {json.dumps(value)}")
+        return value
+
+    conv.register_structure_hook(int, strict_int)
+    conv.register_structure_hook(float, strict_float)
+    conv.register_structure_hook(str, strict_str)
+    for cls in (ModelSpec, Defaults):
+        renames: dict[str, Any] = {
+            f.name: override(rename=_camel(f.name)) for f in attrs.fields(cls)
+        }
+        conv.register_structure_hook(
+            cls,
+            make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **renames),
+        )
+    return conv
+
+
+_converter = _make_converter()
+
+
+def _format_leaf(exc: BaseException, _type: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required key is missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return "unknown key(s) " + ", ".join(repr(k) for k in sorted(exc.extra_fields))
+    return str(exc)
+
+
+def _describe(exc: BaseException, path: str) -> list[str]:
+    """Flatten a cattrs error tree into ``json.path: problem`` lines (keys as in the file)."""
+    lines = []
+    for line in cattrs.transform_error(exc, path=path, format_exception=_format_leaf):
+        message, _, where = line.rpartition(" @ ")
+        if where.count(".") > path.count("."):  # a field below `path`: spell it as the file does
+            head, _, last = where.rpartition(".")
+            where = f"{head}.{_camel(last)}"
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) -> ModelConfig:
+    """Turn the parsed JSON document into a `ModelConfig`.
+
+    Args:
+        data: the decoded JSON.
+        templates: names of the workflow templates that exist; a model naming another one is
+            an error. ``None`` skips that check.
+
+    Raises:
+        ConfigError: naming every problem, one ``path: what`` per line.
+    """
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError("model configuration: expected a JSON object at the top level")
+    for key in data:
+        if key not in ("DEFAULTS", "models"):
+            problems.append(f"{key}: unknown key (expected DEFAULTS and models)")
+    defaults: Defaults | None = None
+    if "DEFAULTS" not in data:
+        problems.append("DEFAULTS: required key is missing")
+    else:
+        try:
+            defaults = _converter.structure(data["DEFAULTS"], Defaults)
+        except Exception as exc:
+            problems.extend(_describe(exc, "DEFAULTS"))
+    models: dict[str, ModelSpec] = {}
+    raw_models = data.get("models")
+    if not isinstance(raw_models, dict) or not raw_models:
+        problems.append("models: expected an object with at least one model")
+        raw_models = {}
+    for model_id, raw in raw_models.items():
+        try:
+            spec = _converter.structure(raw, ModelSpec)
+        except Exception as exc:
+            problems.extend(_describe(exc, f"models.{model_id}"))
+            continue
+        problems.extend(_check_spec(model_id, spec, templates))
+        models[model_id] = spec
+    if defaults is not None:
+        problems.extend(_check_defaults(defaults, raw_models))
+    if problems:
+        raise ConfigError("model configuration is invalid: " + "; ".join(problems))
+    assert defaults is not None
+    return ModelConfig(defaults=defaults, models=models)
+
+
+def _check_spec(model_id: str, spec: ModelSpec, templates: frozenset[str] | None) -> list[str]:
+    where = f"models.{model_id}"
+    problems = []
+    if templates is not None and spec.workflow not in templates:
+        known = ", ".join(sorted(templates)) or "none"
+        problems.append(
+            f"{where}.workflow: template {spec.workflow!r} does not exist (known: {known})"
+        )
+    if spec.steps < 1:
+        problems.append(f"{where}.steps: must be at least 1, got {spec.steps}")
+    for name in ("image_width", "image_height"):
+        value = getattr(spec, name)
+        if value < 8 or value % 8:
+            problems.append(
+                f"{where}.{_camel(name)}: must be a positive multiple of 8, got {value}"
+            )
+    if not spec.checkpoint_name:
+        problems.append(f"{where}.checkpointName: must not be empty")
+    return problems
+
+
+def _check_defaults(defaults: Defaults, raw_models: Mapping[str, Any]) -> list[str]:
+    problems = []
+    if defaults.model not in raw_models:
+        problems.append(f"DEFAULTS.model: {defaults.model!r} is not one of the configured models")
+    if not 1 <= defaults.count <= defaults.max_count:
+        problems.append(f"DEFAULTS.count: must be 1 to {defaults.max_count}, got {defaults.count}")
+    if not 8 <= defaults.min_size <= defaults.max_size:
+        problems.append("DEFAULTS.minSize/maxSize: need 8 <= minSize <= maxSize")
+    return problems
+
+
+def load_model_config(path: Path, *, templates: frozenset[str] | None = None) -> ModelConfig:
+    """Read and parse the configuration file (blocking: call it at start-up or in a thread)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the model configuration {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"model configuration {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from exc
+    return parse_model_config(data, templates=templates)

@@ -1,0 +1,158 @@
+"""The queue's order: users take turns, and a loaded model is reused when that is cheap to do.
+
+Pure: no I/O, no clock of its own. `FairPolicy.order` gives the order queued jobs will run in
+(the order `queue_position` reports); `FairPolicy.pick` chooses the next job and records what
+it passed over.
+
+Turns: users are ordered by when they were last served (never-served first, then by their
+oldest queued job), and each user's queued jobs are interleaved one per turn: with A holding 20
+jobs and B one, B's job runs within one job of arriving.
+
+Model affinity: when the fair choice would swap the checkpoint and a queued job for the loaded
+checkpoint exists, that job runs first, as long as the fair choice has been passed over fewer
+than ``max_passes`` times and has not waited more than ``max_delay`` seconds since it was
+first passed over. Nothing starves.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+
+class Queued(Protocol):
+    id: str
+    nick: str
+    seq: int
+
+    @property
+    def model(self) -> str: ...
+
+
+class FairPolicy:
+    def __init__(
+        self,
+        *,
+        max_passes: int = 3,
+        max_delay: float = 120.0,
+        checkpoint_of: Callable[[str], str] = lambda model: model,
+    ) -> None:
+        self.max_passes = max_passes
+        self.max_delay = max_delay
+        self._checkpoint_of = checkpoint_of
+        self._tick = itertools.count(1)
+        self._last_served: dict[str, int] = {}
+        #: job id -> (times passed over, time first passed over)
+        self._passed: dict[str, tuple[int, float]] = {}
+        self.loaded_checkpoint: str | None = None
+        self.swaps = 0
+
+    def _queues(self, jobs: Sequence[Queued]) -> tuple[list[str], dict[str, list[Queued]]]:
+        """Users in turn order, and each user's queued jobs in submission order."""
+        by_user: dict[str, list[Queued]] = {}
+        for job in sorted(jobs, key=lambda j: j.seq):
+            by_user.setdefault(job.nick, []).append(job)
+        users = sorted(by_user, key=lambda n: (self._last_served.get(n, 0), by_user[n][0].seq))
+        return users, by_user
+
+    @staticmethod
+    def _turns(users: list[str], by_user: dict[str, list[Queued]]) -> Iterator[Queued]:
+        """The fair order, lazily: one job per user per turn."""
+        for turn in itertools.count():
+            row = [by_user[u][turn] for u in users if turn < len(by_user[u])]
+            if not row:
+                return
+            yield from row
+
+    def fair_order(self, jobs: Sequence[Queued]) -> list[Queued]:
+        """The order without model affinity."""
+        return list(self._turns(*self._queues(jobs)))
+
+    def _exhausted(self, job: Queued, passed: dict[str, tuple[int, float]], now: float) -> bool:
+        """True when ``job`` may not be passed over again."""
+        times, since = passed.get(job.id, (0, now))
+        return times >= self.max_passes or now - since >= self.max_delay
+
+    def _choose(
+        self,
+        fair: Iterator[Queued],
+        loaded: str | None,
+        passed: dict[str, tuple[int, float]],
+        now: float,
+    ) -> tuple[Queued, list[Queued]]:
+        """The job to run next (from the fair order ``fair``) and the jobs it passes over.
+
+        The loaded checkpoint's first job may jump ahead only if none of the jobs it passes
+        over (not just the head) has used up its passes or its delay.
+        """
+        head = next(fair)
+        if (
+            loaded is None
+            or self._checkpoint_of(head.model) == loaded
+            or self._exhausted(head, passed, now)
+        ):
+            return head, []
+        skipped = [head]
+        for job in fair:
+            if self._checkpoint_of(job.model) == loaded:
+                return job, skipped
+            if self._exhausted(job, passed, now):
+                break
+            skipped.append(job)
+        return head, []
+
+    @staticmethod
+    def _pass_over(skipped: list[Queued], passed: dict[str, tuple[int, float]], now: float) -> None:
+        for job in skipped:
+            times, since = passed.get(job.id, (0, now))
+            passed[job.id] = (times + 1, since)
+
+    def order(self, jobs: Sequence[Queued], now: float) -> list[Queued]:
+        """The order ``jobs`` will run in if nothing else arrives.
+
+        Replays `pick` on copies of the state: the served user moves to the back of the turns,
+        passes are counted, the loaded checkpoint follows each job.
+        """
+        users, by_user = self._queues(jobs)
+        passed = dict(self._passed)
+        loaded = self.loaded_checkpoint
+        result: list[Queued] = []
+        while users:
+            job, skipped = self._choose(self._turns(users, by_user), loaded, passed, now)
+            self._pass_over(skipped, passed, now)
+            passed.pop(job.id, None)
+            by_user[job.nick].remove(job)
+            users.remove(job.nick)
+            if by_user[job.nick]:
+                users.append(job.nick)
+            loaded = self._checkpoint_of(job.model)
+            result.append(job)
+        return result
+
+    def pick(self, jobs: Sequence[Queued], now: float) -> Queued:
+        """Choose the next job to run and remember it (turns, passes, loaded checkpoint).
+
+        Raises:
+            ValueError: ``jobs`` is empty.
+        """
+        if not jobs:
+            raise ValueError("no queued job to pick")
+        job, skipped = self._choose(
+            self._turns(*self._queues(jobs)), self.loaded_checkpoint, self._passed, now
+        )
+        self._pass_over(skipped, self._passed, now)
+        self._passed.pop(job.id, None)
+        self._last_served[job.nick] = next(self._tick)
+        checkpoint = self._checkpoint_of(job.model)
+        if self.loaded_checkpoint is not None and checkpoint != self.loaded_checkpoint:
+            self.swaps += 1
+        self.loaded_checkpoint = checkpoint
+        return job
+
+    def forget(self, job_id: str) -> None:
+        self._passed.pop(job_id, None)
+
+    def unloaded(self) -> None:
+        """ComfyUI dropped its models (idle unload): no checkpoint is cheaper than another."""
+        self.loaded_checkpoint = None

@@ -1,0 +1,378 @@
+"""Turn a chat line such as ``a fox in snow --ar 16:9 --no blurry, text`` into a request.
+
+Pure: no I/O. The grammar, exactly:
+
+* The message may not contain control characters other than tab, newline, carriage return,
+  vertical tab and form feed (those count as whitespace); anything else in U+0000-U+001F or
+  U+007F-U+009F is refused.
+* The message is split on any whitespace; text is re-joined with single spaces, so the prompt
+  and the negative are normalised (runs of whitespace and newlines become one space).
+* A token is a *modifier* when it is one of the `FLAGS`, spelled ``--name``, ``-x`` (short
+  form), ``--name=value`` or ``-x=value``. Names are matched case-insensitively. Phones turn
+  ``--`` into a dash, so an em or en dash (U+2014, U+2013) followed by a known long name
+  is that modifier too; with any other name it stays ordinary text.
+* A token is *flag-like* when it is ``--`` followed by an ASCII letter and then letters,
+  digits or hyphens (``--steps``, ``--sci-fi``), or ``-`` followed by exactly one ASCII letter
+  (``-x``), optionally with ``=value``. A flag-like token that is not a modifier is an error
+  listing the valid modifiers. Everything else is text: ``sci-fi``, ``-ish``, ``--``, ``-``,
+  ``-5``, ``--5``, ``—``.
+* Everything before the first modifier is the prompt; it must not be empty.
+* ``--no`` takes every word up to the next modifier (``--no blurry, text``). Every other
+  modifier takes exactly one word; more words before the next modifier are an error (the
+  prompt goes first, and silently moving words around would surprise).
+* Each modifier may be given once (``-w`` and ``--width`` are the same modifier).
+* Sizes: without ``--ar``, a side the user does not give is the model's own
+  ``imageWidth``/``imageHeight``. ``--ar W:H`` alone keeps the model's pixel count and rounds
+  each side to a multiple of 64; ``--ar`` with one of ``--width``/``--height`` derives the
+  other side from the ratio, rounded to a multiple of 8; ``--ar`` with both is an error.
+* A model id matches exactly, or else case-insensitively; the request carries the configured
+  spelling. When no seed is given one is drawn from ``rng`` and recorded on the request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import random
+import re
+from fractions import Fraction
+
+import attrs
+
+from fategen.errors import PromptError
+from fategen.modelconfig import ModelConfig, ModelSpec
+
+MAX_SEED = 2**64 - 1
+
+
+@attrs.frozen
+class GenerationRequest:
+    """What one chat line asks for, fully resolved (nothing left to default)."""
+
+    #: The user's own text, whitespace-normalised; the model's default tags are not included.
+    prompt: str
+    #: The user's negative text ('' if none).
+    negative: str
+    #: A model id from the configuration.
+    model: str
+    width: int
+    height: int
+    count: int
+    seed: int
+
+
+@attrs.frozen
+class Flag:
+    """One modifier a user can put after the prompt."""
+
+    name: str
+    short: str | None
+    metavar: str
+    help: str
+    #: A value to show in "needs a value" messages ('' means: use the default model id).
+    example: str
+    #: True for ``--no``: the value runs to the next modifier.
+    multiword: bool = False
+
+    @property
+    def long(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def spelling(self) -> str:
+        """``--width/-w``: how error messages and help list the modifier."""
+        return f"{self.long}/-{self.short}" if self.short else self.long
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("model", "m", "MODEL", "model id from the configuration", ""),
+    Flag("width", "w", "PIXELS", "width in pixels (a multiple of 8)", "1024"),
+    Flag("height", "h", "PIXELS", "height in pixels (a multiple of 8)", "1024"),
+    Flag("no", "n", "TEXT", "negative prompt, up to the next modifier", "blurry, text", True),
+    Flag("count", "c", "N", "number of images", "2"),
+    Flag("seed", "s", "SEED", "fixed seed, for repeatable images", "42"),
+    Flag("ar", None, "W:H", "aspect ratio, keeping the model's pixel count", "16:9"),
+)
+
+_LONG = {flag.name: flag for flag in FLAGS}
+_SHORT = {flag.short: flag for flag in FLAGS if flag.short}
+_VALID = ", ".join(flag.spelling for flag in FLAGS)
+
+_LONG_RE = re.compile(r"--([A-Za-z][A-Za-z0-9-]*)(?:=(.*))?")
+_SHORT_RE = re.compile(r"-([A-Za-z])(?:=(.*))?")
+_DASH_RE = re.compile(r"[\u2013\u2014]([A-Za-z][A-Za-z0-9-]*)(?:=(.*))?")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+_DIGITS_RE = re.compile(r"[0-9]+")
+_RATIO_RE = re.compile(r"([0-9]{1,5}(?:\.[0-9]{1,4})?):([0-9]{1,5}(?:\.[0-9]{1,4})?)")
+
+_SYSTEM_RANDOM = random.SystemRandom()
+
+
+@attrs.frozen
+class _Modifier:
+    flag: Flag
+    #: How the user spelled the flag (``-w``, ``--Width``), for messages.
+    spelled: str
+    #: The text after ``=``, or None.
+    inline: str | None
+
+
+def _show(text: str, limit: int = 40) -> str:
+    """Quote user text for a one-line message, cut to `limit` characters."""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"'{text}'"
+
+
+def _classify(token: str) -> _Modifier | None:
+    """The modifier `token` is, None for prompt text; PromptError for an unknown flag."""
+    if match := _LONG_RE.fullmatch(token):
+        flag = _LONG.get(match[1].lower())
+    elif match := _SHORT_RE.fullmatch(token):
+        flag = _SHORT.get(match[1].lower())
+    elif match := _DASH_RE.fullmatch(token):
+        flag = _LONG.get(match[1].lower())
+        if flag is None:
+            return None  # "—steps" after a dash is just text
+    else:
+        return None
+    spelled = token.partition("=")[0]
+    if flag is None:
+        close = difflib.get_close_matches(
+            spelled.lstrip("-").lower(), [f.name for f in FLAGS], n=1, cutoff=0.6
+        )
+        hint = f" (did you mean --{close[0]}?)" if close and len(spelled) > 2 else ""
+        raise PromptError(f"unknown modifier {_show(spelled)}{hint}; valid modifiers: {_VALID}")
+    return _Modifier(flag, spelled, match[2])
+
+
+def _split(message: str) -> tuple[str, dict[str, tuple[_Modifier, str]]]:
+    """Split a message into its prompt and ``{flag name: (modifier, raw value)}``."""
+    if bad := _CONTROL_RE.search(message):
+        raise PromptError(
+            f"the message contains a control character (U+{ord(bad[0]):04X}); remove it"
+        )
+    tokens = message.split()
+    kinds = [_classify(token) for token in tokens]
+    i = 0
+    while i < len(tokens) and kinds[i] is None:
+        i += 1
+    prompt = " ".join(tokens[:i])
+    values: dict[str, tuple[_Modifier, str]] = {}
+    while i < len(tokens):
+        modifier = kinds[i]
+        assert modifier is not None
+        flag = modifier.flag
+        i += 1
+        start = i
+        while i < len(tokens) and kinds[i] is None:
+            i += 1
+        words = tokens[start:i]
+        if modifier.inline:
+            words = [modifier.inline, *words]
+        if flag.name in values:
+            raise PromptError(f"{flag.long} was given twice; give each modifier once")
+        if not words:
+            example = flag.example
+            raise PromptError(
+                f"{modifier.spelled} needs a value, e.g. {flag.long} {example or '<model id>'}"
+            )
+        if len(words) > 1 and not flag.multiword:
+            raise PromptError(
+                f"unexpected text {_show(' '.join(words[1:]))} after {modifier.spelled} "
+                f"{_show(words[0])[1:-1]}; the prompt goes before the first modifier"
+            )
+        values[flag.name] = (modifier, " ".join(words))
+    return prompt, values
+
+
+def _whole(raw: str) -> int | None:
+    """`raw` as a non-negative integer (ASCII digits only), None if it is not one."""
+    if not _DIGITS_RE.fullmatch(raw):
+        return None
+    digits = raw.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 40 else 10**40  # huge: just "too big"
+
+
+def _resolve_model(raw: str, config: ModelConfig) -> str:
+    if raw in config.models:
+        return raw
+    by_lower: dict[str, list[str]] = {}
+    for model_id in config.models:
+        by_lower.setdefault(model_id.lower(), []).append(model_id)
+    same = by_lower.get(raw.lower(), [])
+    if len(same) == 1:
+        return same[0]
+    close = difflib.get_close_matches(raw.lower(), list(by_lower), n=3, cutoff=0.5)
+    suggestions = [model_id for key in close for model_id in by_lower[key]]
+    ids = sorted(config.models)
+    listed = ", ".join(ids[:12]) + (", …" if len(ids) > 12 else "")
+    if suggestions:
+        raise PromptError(
+            f"unknown model {_show(raw)}; did you mean {' or '.join(suggestions)}? "
+            f"Available models: {listed}"
+        )
+    raise PromptError(f"unknown model {_show(raw)}; available models: {listed}")
+
+
+def _side(name: str, raw: str, config: ModelConfig) -> int:
+    """Validate a width/height the user typed."""
+    limits = config.defaults
+    value = _whole(raw)
+    if value is None:
+        raise PromptError(f"--{name} must be a whole number of pixels, got {_show(raw)}")
+    if value % 8:
+        low = value - value % 8
+        nearest = " or ".join(str(n) for n in sorted({max(low, 8), low + 8}))
+        raise PromptError(f"--{name} must be a multiple of 8, got {value} (try {nearest})")
+    if not limits.min_size <= value <= limits.max_size:
+        raise PromptError(
+            f"--{name} must be between {limits.min_size} and {limits.max_size} pixels, got {value}"
+        )
+    return value
+
+
+def _check_derived(name: str, value: int, source: str, config: ModelConfig) -> None:
+    limits = config.defaults
+    if not limits.min_size <= value <= limits.max_size:
+        raise PromptError(
+            f"{source} gives a {name} of {value} pixels, outside {limits.min_size} to "
+            f"{limits.max_size}; pick a less extreme ratio or give the sizes"
+        )
+
+
+def _ratio(raw: str) -> Fraction:
+    match = _RATIO_RE.fullmatch(raw)
+    if not match:
+        raise PromptError(f"--ar must be a ratio such as 16:9 or 2.39:1, got {_show(raw)}")
+    across, down = Fraction(match[1]), Fraction(match[2])
+    if not across or not down:
+        raise PromptError(f"--ar sides must be greater than 0, got {_show(raw)}")
+    return across / down
+
+
+def _round_to(value: float | Fraction, step: int) -> int:
+    return max(step, int(value / step + Fraction(1, 2)) * step)
+
+
+def _size(
+    values: dict[str, tuple[_Modifier, str]], spec: ModelSpec, config: ModelConfig
+) -> tuple[int, int]:
+    width = _side("width", values["width"][1], config) if "width" in values else None
+    height = _side("height", values["height"][1], config) if "height" in values else None
+    if "ar" in values:
+        raw = values["ar"][1]
+        ratio = _ratio(raw)
+        if width is not None and height is not None:
+            raise PromptError(
+                "--ar cannot be combined with both --width and --height; drop one of them"
+            )
+        if width is not None:
+            height = _round_to(width / ratio, 8)
+            _check_derived("height", height, f"--width {width} with --ar {raw}", config)
+        elif height is not None:
+            width = _round_to(height * ratio, 8)
+            _check_derived("width", width, f"--height {height} with --ar {raw}", config)
+        else:
+            pixels = spec.image_width * spec.image_height
+            width = _round_to(math.sqrt(pixels * ratio), 64)
+            height = _round_to(math.sqrt(pixels / ratio), 64)
+            _check_derived("width", width, f"--ar {raw}", config)
+            _check_derived("height", height, f"--ar {raw}", config)
+    width = spec.image_width if width is None else width
+    height = spec.image_height if height is None else height
+    limit = config.defaults.max_pixels
+    if width * height > limit:
+        side = math.isqrt(limit) // 8 * 8
+        raise PromptError(
+            f"{width}x{height} is {width * height} pixels, over the limit of {limit} "
+            f"(about {side}x{side}); make the image smaller"
+        )
+    return width, height
+
+
+def parse_request(
+    message: str, config: ModelConfig, *, rng: random.Random | None = None
+) -> GenerationRequest:
+    """Parse one chat line (see the module docstring for the grammar).
+
+    Args:
+        message: the user's text, without any bot command prefix.
+        config: models and limits.
+        rng: draws the seed when the user gives none (default: `random.SystemRandom`).
+
+    Raises:
+        PromptError: ``str()`` is one line a bot can send back to the user.
+    """
+    prompt, values = _split(message)
+    if not prompt:
+        raise PromptError(
+            "the prompt is empty; write what to draw before the first modifier, "
+            "e.g. 'a red fox in the snow --ar 16:9'"
+        )
+    defaults = config.defaults
+    model = _resolve_model(values["model"][1], config) if "model" in values else defaults.model
+    width, height = _size(values, config.models[model], config)
+    count = defaults.count
+    if "count" in values:
+        raw = values["count"][1]
+        parsed = _whole(raw)
+        if parsed is None or not 1 <= parsed <= defaults.max_count:
+            raise PromptError(f"--count must be 1 to {defaults.max_count}, got {_show(raw)}")
+        count = parsed
+    if "seed" in values:
+        raw = values["seed"][1]
+        parsed = _whole(raw)
+        if parsed is None or parsed > MAX_SEED:
+            raise PromptError(
+                f"--seed must be a whole number from 0 to {MAX_SEED}, got {_show(raw)}"
+            )
+        seed = parsed
+    else:
+        seed = (rng or _SYSTEM_RANDOM).randrange(MAX_SEED + 1)
+    negative = values["no"][1] if "no" in values else ""
+    return GenerationRequest(
+        prompt=prompt,
+        negative=negative,
+        model=model,
+        width=width,
+        height=height,
+        count=count,
+        seed=seed,
+    )
+
+
+def render_request(request: GenerationRequest) -> str:
+    """The chat line for `request`, with every value explicit (long flags, ``--no`` last).
+
+    ``parse_request(render_request(r), config) == r`` for every request `parse_request`
+    returns, and for any valid request whose prompt and negative are whitespace-normalised
+    and contain no modifier-like words. No quoting exists: a request whose text holds a
+    modifier is rendered as-is and will not parse back to itself.
+    """
+    parts = [
+        request.prompt,
+        f"--model {request.model}",
+        f"--width {request.width}",
+        f"--height {request.height}",
+        f"--count {request.count}",
+        f"--seed {request.seed}",
+    ]
+    if request.negative:
+        parts.append(f"--no {request.negative}")
+    return " ".join(parts)
+
+
+def _join(*parts: str) -> str:
+    cleaned = (part.strip().strip(",").strip() for part in parts)
+    return ", ".join(part for part in cleaned if part)
+
+
+def positive_text(request: GenerationRequest, spec: ModelSpec) -> str:
+    """The model's default positive tags, then the user's prompt (without the system prompt)."""
+    return _join(spec.default_positive_prompt, request.prompt)
+
+
+def negative_text(request: GenerationRequest, spec: ModelSpec) -> str:
+    """The model's default negative tags, then the user's ``--no`` text."""
+    return _join(spec.default_negative_prompt, request.negative)

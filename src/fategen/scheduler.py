@@ -1,0 +1,91 @@
+"""The scheduler actor: hands the comfy worker the next job, in the policy's order.
+
+The worker asks for work by sending a reply channel; the scheduler answers as soon as a job is
+queued, choosing at that moment (so a job that arrived while ComfyUI was busy still gets its
+fair turn). Submissions and cancels of queued jobs go through the store and `wake`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn, cast
+
+import attrs
+import trio
+
+from fategen.jobs import Job, JobStatus, JobStore
+from fategen.policy import FairPolicy
+
+log = logging.getLogger("fategen.scheduler")
+
+
+@attrs.define(eq=False)
+class Scheduler:
+    store: JobStore
+    policy: FairPolicy
+    requests: trio.MemoryReceiveChannel[trio.MemorySendChannel[Job]]
+    #: Jobs handed to the worker that have not started on ComfyUI's side yet.
+    _dispatched: set[str] = attrs.field(factory=set, init=False)
+    _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _paused: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.store.order_queued = self._order
+
+    def _order(self, jobs: list[Job]) -> list[Job]:
+        waiting = [j for j in jobs if j.id not in self._dispatched]
+        ahead = sorted((j for j in jobs if j.id in self._dispatched), key=lambda j: j.seq)
+        ordered = cast(list[Job], self.policy.order(waiting, trio.current_time()))
+        return ahead + ordered
+
+    def wake(self) -> None:
+        """Something was queued (or requeued)."""
+        self._wakeup.set()
+
+    def done(self, job: Job) -> None:
+        """The worker finished with a dispatched job (any outcome)."""
+        self._dispatched.discard(job.id)
+        self.policy.forget(job.id)
+
+    def pause(self) -> None:
+        """Hand out no more jobs (shutdown)."""
+        self._paused = True
+
+    def is_dispatched(self, job_id: str) -> bool:
+        return job_id in self._dispatched
+
+    async def _next(self) -> Job:
+        while True:
+            waiting = [j for j in self.store.queued() if j.id not in self._dispatched]
+            if waiting and not self._paused:
+                job = self.policy.pick(waiting, trio.current_time())
+                assert isinstance(job, Job)
+                return job
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        async with self.requests:
+            task_status.started()
+            async for reply in self.requests:
+                job = await self._next()
+                self._dispatched.add(job.id)
+                try:
+                    reply.send_nowait(job)
+                except (trio.BrokenResourceError, trio.WouldBlock):
+                    self._dispatched.discard(job.id)
+                    continue
+                log.debug("dispatched job %s (%s) to the worker", job.id, job.model)
+        raise RuntimeError("the scheduler's request channel closed")
+
+
+def requeue_interrupted(job: Job) -> dict[str, object]:
+    """Changes for a job found processing after a restart: run again once, else fail."""
+    if job.attempts >= 2:
+        return {
+            "status": JobStatus.FAILED,
+            "error": "the job was interrupted twice (fategen restarted while it ran); giving up",
+        }
+    return {"status": JobStatus.QUEUED, "started": None}

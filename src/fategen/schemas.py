@@ -1,0 +1,152 @@
+"""The HTTP API's request and response types; the OpenAPI document is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from msgspec.json import schema_components
+from quart_schema import OpenAPIProvider
+
+
+@attrs.frozen
+class SubmitRequest:
+    """A chat line to turn into images: ``a cat on a roof -m illustriousXL -c 2``."""
+
+    message: str
+    nick: str
+
+
+@attrs.frozen
+class SubmitResponse:
+    job_id: str
+    status: str
+    #: 0 while processing, 1 when it runs next, ...
+    queue_position: int | None
+    #: Where to ask about the job.
+    job_url: str
+    wait_url: str
+
+
+@attrs.frozen
+class ErrorResponse:
+    """``error`` is one sentence a bot can relay to a person."""
+
+    error: str
+
+
+@attrs.frozen
+class Progress:
+    step: int
+    of: int
+
+
+@attrs.frozen
+class JobResponse:
+    job_id: str
+    #: queued, processing, completed, failed or cancelled
+    status: str
+    queue_position: int | None
+    progress: Progress
+    #: Path of the finished WebP on the service's host.
+    result: str | None
+    #: URL of the finished WebP, for bots on another host.
+    image_url: str | None
+    error: str | None
+    nick: str
+    prompt: str
+    negative: str
+    model: str
+    width: int
+    height: int
+    count: int
+    seed: int
+    #: ISO 8601 times, UTC.
+    created: str
+    started: str | None
+    finished: str | None
+    cancelled_by: str | None
+
+
+@attrs.frozen
+class WaitQuery:
+    #: Seconds to wait at most (the service's default and maximum apply).
+    timeout: float | None = None
+
+
+@attrs.frozen
+class CancelQuery:
+    #: The nick that submitted the job (an admin key may cancel any job without it).
+    nick: str | None = None
+
+
+@attrs.frozen
+class ModelInfo:
+    id: str
+    workflow: str
+    checkpoint: str
+    width: int
+    height: int
+    steps: int
+    description: str
+
+
+@attrs.frozen
+class DefaultsInfo:
+    model: str
+    width: int
+    height: int
+    count: int
+    max_count: int
+    min_size: int
+    max_size: int
+    max_pixels: int
+
+
+@attrs.frozen
+class ModelsResponse:
+    models: list[ModelInfo]
+    defaults: DefaultsInfo
+
+
+@attrs.frozen
+class ComfyHealth:
+    url: str
+    reachable: bool
+    error: str | None
+
+
+@attrs.frozen
+class HealthResponse:
+    #: "ok" while the service runs ("stopping" during shutdown).
+    status: str
+    comfyui: ComfyHealth
+    queued: int
+    processing: int
+
+
+API_TYPES: tuple[type, ...] = (
+    SubmitRequest,
+    SubmitResponse,
+    ErrorResponse,
+    JobResponse,
+    ModelsResponse,
+    HealthResponse,
+)
+
+
+class CompleteOpenAPIProvider(OpenAPIProvider):
+    """Works around quart-schema 0.25 leaving nested attrs models as dangling ``$ref``s.
+
+    quart-schema asks msgspec for a model's schema but keeps only the first component, so a
+    nested model (``JobResponse.progress``) is referenced and never defined. This adds every
+    component msgspec generates for `API_TYPES` to ``components.schemas``, where missing.
+    """
+
+    def schema(self) -> dict[str, Any]:
+        document: dict[str, Any] = super().schema()
+        _, components = schema_components(API_TYPES, ref_template="#/components/schemas/{name}")
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for name, component in components.items():
+            schemas.setdefault(name, component)
+        return document

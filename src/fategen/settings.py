@@ -1,0 +1,202 @@
+"""Service settings, read once at the entry point from the environment and an optional ``.env``.
+
+The environment wins over ``.env``. Every bad value stops start-up with one sentence naming the
+variable and the value (`ConfigError`). Tests build settings with ``Settings.from_env({...})``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import environ
+
+from fategen.errors import ConfigError
+
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _bad(name: str, value: str, why: str) -> ConfigError:
+    return ConfigError(f"{name}={value!r} is invalid: {why}")
+
+
+def _integer(name: str, *, low: int, high: int | None = None) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, int):
+            number = value
+        else:
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                raise _bad(name, value, "expected a whole number") from None
+        if number < low or (high is not None and number > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise _bad(name, str(value), f"expected a whole number {span}")
+        return number
+
+    return convert
+
+
+def _seconds(name: str, *, allow_zero: bool = False) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise _bad(name, str(value), "expected a number of seconds") from None
+        if not math.isfinite(number):
+            raise _bad(name, str(value), "expected a finite number of seconds")
+        if number < 0 or (number == 0 and not allow_zero):
+            need = "zero or more" if allow_zero else "more than zero"
+            raise _bad(name, str(value), f"expected a number of seconds, {need}")
+        return number
+
+    return convert
+
+
+def _path(name: str, *, optional: bool = False) -> Callable[[Any], Path | None]:
+    def convert(value: Any) -> Path | None:
+        if isinstance(value, Path):
+            return value
+        text = "" if value is None else str(value).strip()
+        if not text:
+            if optional:
+                return None
+            raise _bad(name, str(value), "expected a path")
+        if "\0" in text:
+            raise _bad(name, text, "a path cannot contain a NUL byte")
+        return Path(text).expanduser()
+
+    return convert
+
+
+def _log_level(value: Any) -> str:
+    level = str(value).strip().upper()
+    if level not in _LOG_LEVELS:
+        raise _bad("LOG_LEVEL", str(value), "expected one of " + ", ".join(_LOG_LEVELS))
+    return level
+
+
+def _host(name: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value).strip()
+        if not text or any(c.isspace() or c in "/?#@" for c in text):
+            raise _bad(name, str(value), "expected a host name or IP address")
+        return text
+
+    return convert
+
+
+def _keys(name: str) -> Callable[[Any], frozenset[str]]:
+    def convert(value: Any) -> frozenset[str]:
+        if isinstance(value, frozenset):
+            return value
+        keys = [k.strip() for k in str(value).split(",") if k.strip()]
+        for number, key in enumerate(keys, start=1):
+            if len(key) < 16:
+                # The value is a secret: say which key is wrong, never echo it.
+                raise ConfigError(
+                    f"{name} is invalid: key {number} of {len(keys)} has {len(key)} characters,"
+                    " and every key needs at least 16"
+                )
+        return frozenset(keys)
+
+    return convert
+
+
+def _v(name: str, default: Any, converter: Callable[[Any], Any]) -> Any:
+    return environ.var(default, name=name, converter=converter)
+
+
+@environ.config(prefix="", frozen=True)
+class Settings:
+    """Every setting the service reads. Names are the environment variables."""
+
+    comfyui_address: str = _v("COMFYUI_ADDRESS", "127.0.0.1", _host("COMFYUI_ADDRESS"))
+    comfyui_port: int = _v("COMFYUI_PORT", 8188, _integer("COMFYUI_PORT", low=1, high=65535))
+    #: ComfyUI's output folder, when fategen runs on the same file system (read images directly).
+    comfyui_folder_path: Path | None = _v(
+        "COMFYUI_FOLDER_PATH", "", _path("COMFYUI_FOLDER_PATH", optional=True)
+    )
+    log_level: str = _v("LOG_LEVEL", "INFO", _log_level)
+    http_host: str = _v("FATEGEN_HOST", "127.0.0.1", _host("FATEGEN_HOST"))
+    http_port: int = _v("FATEGEN_PORT", 8000, _integer("FATEGEN_PORT", low=0, high=65535))
+    #: Where finished WebP images are written.
+    output_dir: Path = _v("FATEGEN_OUTPUT_DIR", "output", _path("FATEGEN_OUTPUT_DIR"))
+    #: Where the job database lives.
+    data_dir: Path = _v("FATEGEN_DATA_DIR", "data", _path("FATEGEN_DATA_DIR"))
+    model_config: Path = _v(
+        "FATEGEN_MODEL_CONFIG", "config/modelConfiguration.json", _path("FATEGEN_MODEL_CONFIG")
+    )
+    workflows_dir: Path = _v("FATEGEN_WORKFLOWS_DIR", "workflows", _path("FATEGEN_WORKFLOWS_DIR"))
+    webp_quality: int = _v(
+        "FATEGEN_WEBP_QUALITY", 90, _integer("FATEGEN_WEBP_QUALITY", low=1, high=100)
+    )
+    #: Seconds idle before models are unloaded from VRAM (``/free unload_models``).
+    idle_unload_seconds: float = _v(
+        "FATEGEN_IDLE_UNLOAD_SECONDS", 600, _seconds("FATEGEN_IDLE_UNLOAD_SECONDS")
+    )
+    #: Seconds idle before ComfyUI also drops its RAM caches (``free_memory``); 0 turns it off.
+    idle_free_memory_seconds: float = _v(
+        "FATEGEN_IDLE_FREE_MEMORY_SECONDS",
+        3600,
+        _seconds("FATEGEN_IDLE_FREE_MEMORY_SECONDS", allow_zero=True),
+    )
+    wait_timeout_default: float = _v("FATEGEN_WAIT_TIMEOUT", 30, _seconds("FATEGEN_WAIT_TIMEOUT"))
+    wait_timeout_max: float = _v(
+        "FATEGEN_WAIT_TIMEOUT_MAX", 300, _seconds("FATEGEN_WAIT_TIMEOUT_MAX")
+    )
+    connect_timeout: float = _v("FATEGEN_CONNECT_TIMEOUT", 10, _seconds("FATEGEN_CONNECT_TIMEOUT"))
+    #: A job with no progress event for this long is interrupted and failed.
+    stall_timeout: float = _v("FATEGEN_STALL_TIMEOUT", 120, _seconds("FATEGEN_STALL_TIMEOUT"))
+    #: No job may run longer than this.
+    job_timeout: float = _v("FATEGEN_JOB_TIMEOUT", 900, _seconds("FATEGEN_JOB_TIMEOUT"))
+    #: On SIGINT/SIGTERM, how long the running job may take to finish.
+    shutdown_grace: float = _v(
+        "FATEGEN_SHUTDOWN_GRACE", 30, _seconds("FATEGEN_SHUTDOWN_GRACE", allow_zero=True)
+    )
+    max_queue_per_user: int = _v(
+        "FATEGEN_MAX_QUEUE_PER_USER", 10, _integer("FATEGEN_MAX_QUEUE_PER_USER", low=1)
+    )
+    max_queue: int = _v("FATEGEN_MAX_QUEUE", 500, _integer("FATEGEN_MAX_QUEUE", low=1))
+    #: Bearer tokens, comma-separated; empty = no authentication.
+    api_keys: frozenset[str] = _v("FATEGEN_API_KEYS", "", _keys("FATEGEN_API_KEYS"))
+    admin_keys: frozenset[str] = _v("FATEGEN_ADMIN_KEYS", "", _keys("FATEGEN_ADMIN_KEYS"))
+    #: The URL bots should use to reach this service (for image links); empty = from the request.
+    public_url: str = _v("FATEGEN_PUBLIC_URL", "", lambda v: str(v).strip().rstrip("/"))
+
+    @property
+    def comfyui_url(self) -> str:
+        host = self.comfyui_address
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.comfyui_port}"
+
+    @classmethod
+    def from_env(
+        cls, environment: Mapping[str, str] | None = None, *, dotenv: Path | None = None
+    ) -> Settings:
+        """Read the settings: ``environment`` (default ``os.environ``) over the ``.env`` file.
+
+        Raises:
+            ConfigError: one sentence naming the variable and its value.
+        """
+        merged: dict[str, str] = {}
+        if dotenv is not None and dotenv.is_file():
+            from dotenv import dotenv_values
+
+            merged.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        merged.update(os.environ if environment is None else environment)
+        try:
+            return environ.to_config(cls, environ=merged)
+        except ConfigError:
+            raise
+        except environ.MissingEnvValueError as exc:
+            raise ConfigError(f"{exc} must be set") from None
+
+    def replace(self, **changes: Any) -> Settings:
+        import attrs
+
+        return attrs.evolve(self, **changes)  # type: ignore[misc]

@@ -1,0 +1,12 @@
+"""A protocol-faithful ComfyUI simulator (HTTP + websockets on trio) for tests and benchmarks.
+
+    sim = Simulator(SimulatorKnobs(step_seconds=0.001))
+    port = await nursery.start(sim.serve)
+
+See ``SimulatorKnobs`` for timing and faults, ``Simulator.executions`` for what ran when.
+"""
+
+from fategen.simulator.knobs import DEFAULT_CHECKPOINTS, ExecutionRecord, SimulatorKnobs
+from fategen.simulator.server import Simulator
+
+__all__ = ["DEFAULT_CHECKPOINTS", "ExecutionRecord", "Simulator", "SimulatorKnobs"]

@@ -1,0 +1,68 @@
+"""The node classes the simulator knows, as GET /object_info describes them.
+
+Specs come from ``object_info.json`` (entries recorded from ComfyUI 0.33, see
+/work/shared/comfyui-protocol); the choice lists that depend on files (``ckpt_name``,
+``LoadImage.image``) are filled from the simulator's state when asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+_NODES: dict[str, dict[str, Any]] = json.loads(
+    resources.files(__package__).joinpath("object_info.json").read_text(encoding="utf-8")
+)["nodes"]
+
+_FILE_CHOICES = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("LoadImage", "image"): "inputs",
+}
+
+
+def node_classes() -> list[str]:
+    """Names of every known node class."""
+    return list(_NODES)
+
+
+def is_known(class_type: object) -> bool:
+    """Whether ``class_type`` names a known node class."""
+    return isinstance(class_type, str) and class_type in _NODES
+
+
+def is_output_node(class_type: str) -> bool:
+    """Whether ComfyUI treats nodes of this class as outputs (``OUTPUT_NODE``)."""
+    return bool(_NODES[class_type]["output_node"])
+
+
+def output_types(class_type: str) -> list[str]:
+    """The types of the class's outputs, by slot."""
+    return list(_NODES[class_type]["output"])
+
+
+def hidden_inputs(class_type: str) -> list[str]:
+    """Names of the hidden inputs ComfyUI fills in (``prompt``, ``extra_pnginfo``...)."""
+    return list(_NODES[class_type]["input"].get("hidden", {}))
+
+
+def node_info(
+    class_type: str, *, checkpoints: Sequence[str], input_images: Sequence[str]
+) -> dict[str, Any]:
+    """The object_info entry of one class, with its file choice lists filled in."""
+    info = copy.deepcopy(_NODES[class_type])
+    for section in info["input"].values():
+        for name, spec in section.items():
+            source = _FILE_CHOICES.get((class_type, name))
+            if source is not None:
+                spec[0] = list(checkpoints if source == "checkpoints" else input_images)
+    return info
+
+
+def object_info(*, checkpoints: Sequence[str], input_images: Sequence[str]) -> dict[str, Any]:
+    """The whole GET /object_info answer."""
+    return {
+        name: node_info(name, checkpoints=checkpoints, input_images=input_images) for name in _NODES
+    }

@@ -1,0 +1,96 @@
+"""The simulator's knobs (timing, installed checkpoints, faults) and its execution log."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+DEFAULT_CHECKPOINTS: tuple[str, ...] = (
+    "illustriousXL_v01.safetensors",
+    "paSanctuary_v10.safetensors",
+    "lumina_2.safetensors",
+    "tiny-sd15-random.safetensors",
+)
+"""Checkpoints the simulated ComfyUI "has" unless told otherwise."""
+
+ExecutionStatus = Literal["success", "error", "interrupted"]
+
+
+@attrs.define
+class SimulatorKnobs:
+    """Mutable settings, read by the simulator each time it needs them (tests change them live).
+
+    Timing: ``step_seconds`` per sampler step; ``model_load_seconds`` whenever a
+    ``CheckpointLoaderSimple`` needs a checkpoint other than the loaded one.
+
+    Faults that affect "the next job" are *counts*: each job that starts takes one from every
+    non-zero count (``knobs.hang = True`` means one job, ``knobs.hang = 3`` the next three):
+
+    - ``drop_ws_mid_job``: every open websocket is closed (code 1011) in the middle of the job;
+      the job keeps running and completes.
+    - ``hang``: the job stops in the middle (no more progress) until it is interrupted.
+    - ``execution_error``: the job fails in the middle with ``execution_error``.
+
+    Persistent faults stay on until reset: ``http_500`` (POST /prompt answers 500 like aiohttp),
+    ``corrupt_image`` (GET /view answers bytes that are not a valid PNG).
+
+    ``caching``: like ComfyUI, nodes whose inputs did not change since the previous prompt are
+    not run again (an identical resubmission is fully cached and repeats the earlier outputs).
+    Set it to False to re-execute every node of every prompt.
+    """
+
+    step_seconds: float = 0.01
+    model_load_seconds: float = 0.05
+    checkpoints: list[str] = attrs.Factory(lambda: list(DEFAULT_CHECKPOINTS))
+    caching: bool = True
+    http_500: bool = False
+    corrupt_image: bool = False
+    drop_ws_mid_job: int = 0
+    hang: int = 0
+    execution_error: int = 0
+
+    def take_job_faults(self) -> JobFaults:
+        """Consume one unit of each counted fault for the job that starts now."""
+        faults = JobFaults(
+            drop_ws=self.drop_ws_mid_job > 0,
+            hang=self.hang > 0,
+            error=self.execution_error > 0,
+        )
+        self.drop_ws_mid_job = max(0, self.drop_ws_mid_job - 1)
+        self.hang = max(0, self.hang - 1)
+        self.execution_error = max(0, self.execution_error - 1)
+        return faults
+
+
+@attrs.frozen
+class JobFaults:
+    """The faults one job was given when it started."""
+
+    drop_ws: bool = False
+    hang: bool = False
+    error: bool = False
+
+
+@attrs.frozen
+class ExecutionRecord:
+    """When one prompt ran: ``started``/``finished`` on the trio clock (also monotonic, wall).
+
+    ``checkpoint`` is the first ``ckpt_name`` of the prompt (None if it loads none). ``status`` is
+    ``interrupted`` also for a prompt that was running when the server stopped.
+    """
+
+    prompt_id: str
+    checkpoint: str | None
+    status: ExecutionStatus
+    started: float
+    finished: float
+    started_monotonic: float
+    finished_monotonic: float
+    started_wall: float
+    finished_wall: float
+
+    @property
+    def duration(self) -> float:
+        """Seconds the prompt spent executing (trio clock)."""
+        return self.finished - self.started

@@ -1,0 +1,221 @@
+"""The comfy worker actor: takes jobs from the scheduler and runs them on ComfyUI.
+
+Two tasks joined by an unbuffered channel keep ComfyUI's own queue one prompt ahead:
+
+    scheduler --job--> submitter --(submitted)--> follower --(job, image refs)--> post-processor
+
+The submitter builds the workflow and posts it (prompt id = job id) while the follower still
+follows the previous prompt, so ComfyUI starts the next prompt the moment the last one ends.
+A job shows as ``processing`` once the follower takes it, i.e. when it is the one executing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import NoReturn, Protocol
+
+import attrs
+import trio
+
+from fategen.comfy import ImageRef
+from fategen.errors import ComfyUnavailable, FategenError
+from fategen.jobs import Job, JobStatus, JobStore
+from fategen.modelconfig import ModelConfig
+from fategen.scheduler import Scheduler
+from fategen.workflow import WorkflowTemplate, build_workflow
+
+log = logging.getLogger("fategen.worker")
+
+#: A job is run at most this many times when ComfyUI loses it (dies mid-job, restart).
+MAX_ATTEMPTS = 2
+
+
+class Session(Protocol):
+    """What the worker needs of `fategen.comfy.ComfySession`."""
+
+    async def submit(self, workflow: dict[str, object], *, prompt_id: str) -> None: ...
+    async def follow(
+        self, prompt_id: str, on_progress: Callable[[int, int], None] | None = None
+    ) -> list[ImageRef]: ...
+    async def cancel(self, prompt_id: str) -> None: ...
+    async def lookup(self, prompt_id: str) -> str: ...
+
+
+@attrs.define(eq=False)
+class ComfyWorker:
+    store: JobStore
+    scheduler: Scheduler
+    session: Session
+    config: ModelConfig
+    templates: Mapping[str, WorkflowTemplate]
+    requests: trio.MemorySendChannel[trio.MemorySendChannel[Job]]
+    results: trio.MemorySendChannel[tuple[Job, list[ImageRef]]]
+    _cancels: dict[str, str] = attrs.field(factory=dict, init=False)
+    _scopes: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
+    #: Jobs the follower is running right now (normally one).
+    running: set[str] = attrs.field(factory=set, init=False)
+    #: The job posted to ComfyUI ahead of the running one, not yet followed.
+    _ahead: Job | None = attrs.field(default=None, init=False)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        async with self.requests, self.results:
+            submitted_tx, submitted_rx = trio.open_memory_channel[Job](0)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._submitter, submitted_tx)
+                nursery.start_soon(self._follower, submitted_rx)
+                task_status.started()
+        raise RuntimeError("the comfy worker stopped")
+
+    # -- cancel ---------------------------------------------------------------------------
+    async def cancel(self, job: Job, by: str) -> None:
+        """Cancel a dispatched or running job (deleted from ComfyUI's queue or interrupted)."""
+        self._cancels[job.id] = by
+        scope = self._scopes.get(job.id)
+        try:
+            await self.session.cancel(job.id)
+        except FategenError as exc:
+            log.warning("could not cancel job %s on ComfyUI: %s", job.id, exc)
+        if scope is not None:
+            scope.cancel()
+
+    async def _finish_cancelled(self, job: Job) -> None:
+        by = self._cancels.pop(job.id, "unknown")
+        await self.store.update(
+            job, status=JobStatus.CANCELLED, cancelled_by=by, finished=time.time()
+        )
+        log.info("job %s cancelled by %s", job.id, by)
+
+    async def _fail(self, job: Job, error: str) -> None:
+        await self.store.update(job, status=JobStatus.FAILED, error=error, finished=time.time())
+        log.info("job %s failed: %s", job.id, error)
+
+    async def withdraw_submitted(self) -> None:
+        """Shutdown: take the prompt posted ahead back out of ComfyUI's queue (it stays queued
+        here and runs after the restart)."""
+        job = self._ahead
+        if job is not None:
+            with trio.move_on_after(5):
+                try:
+                    await self.session.cancel(job.id)
+                except FategenError as exc:
+                    log.warning("could not withdraw job %s from ComfyUI: %s", job.id, exc)
+
+    # -- submitter ------------------------------------------------------------------------
+    async def _next_job(self) -> Job:
+        reply_tx, reply_rx = trio.open_memory_channel[Job](1)
+        async with reply_rx:
+            await self.requests.send(reply_tx)
+            return await reply_rx.receive()
+
+    async def _submitter(self, submitted: trio.MemorySendChannel[Job]) -> None:
+        async with submitted:
+            while True:
+                job = await self._next_job()
+                if not await self._submit(job):
+                    self.scheduler.done(job)
+                    continue
+                self._ahead = job
+                try:
+                    await submitted.send(job)
+                finally:
+                    self._ahead = None
+
+    async def _submit(self, job: Job) -> bool:
+        """Post the job's prompt; False when the job already ended (failed or cancelled)."""
+        if job.id in self._cancels:
+            await self._finish_cancelled(job)
+            return False
+        spec = self.config.models[job.model]
+        try:
+            workflow = build_workflow(
+                self.templates[spec.workflow], spec, job.request, filename_prefix="fategen"
+            )
+        except FategenError as exc:
+            await self._fail(job, str(exc))
+            return False
+        maybe_known = job.attempts > 0 or job.id in self.store.recovered
+        self.store.recovered.discard(job.id)
+        if maybe_known and await self._known_to_comfy(job):
+            log.info("job %s is already known to ComfyUI; following it", job.id)
+            return True
+        try:
+            await self.session.submit(workflow, prompt_id=job.id)
+        except FategenError as exc:
+            await self._fail(job, str(exc))
+            return False
+        if job.id in self._cancels:
+            await self.session.cancel(job.id)
+        return True
+
+    async def _known_to_comfy(self, job: Job) -> bool:
+        try:
+            return await self.session.lookup(job.id) in ("queued", "running", "done")
+        except FategenError:
+            return False
+
+    # -- follower -------------------------------------------------------------------------
+    async def _follower(self, submitted: trio.MemoryReceiveChannel[Job]) -> None:
+        async with submitted:
+            async for job in submitted:
+                try:
+                    await self._follow(job)
+                finally:
+                    self.scheduler.done(job)
+                    self.running.discard(job.id)
+
+    async def _follow(self, job: Job) -> None:
+        if job.id in self._cancels:
+            await self._finish_cancelled(job)
+            return
+        attempts = job.attempts + 1
+        await self.store.update(
+            job,
+            status=JobStatus.PROCESSING,
+            started=time.time(),
+            attempts=attempts,
+            progress_value=0,
+            progress_max=0,
+        )
+        self.running.add(job.id)
+        log.info(
+            "job %s started (%s, %d image(s), attempt %d)",
+            job.id,
+            job.model,
+            job.request.count,
+            attempts,
+        )
+
+        def progress(value: int, maximum: int) -> None:
+            self.store.set_progress(job, value, maximum)
+
+        refs: list[ImageRef] | None = None
+        with trio.CancelScope() as scope:
+            self._scopes[job.id] = scope
+            try:
+                refs = await self.session.follow(job.id, progress)
+            except ComfyUnavailable as exc:
+                if job.id in self._cancels:
+                    pass
+                elif attempts < MAX_ATTEMPTS:
+                    log.warning("job %s lost by ComfyUI (%s); queued to run again", job.id, exc)
+                    await self.store.update(job, status=JobStatus.QUEUED, started=None)
+                    self.scheduler.wake()
+                    return
+                else:
+                    await self._fail(job, f"{exc} (it was tried {attempts} times)")
+                    return
+            except FategenError as exc:
+                if job.id not in self._cancels:
+                    await self._fail(job, str(exc))
+                    return
+            finally:
+                del self._scopes[job.id]
+        if job.id in self._cancels:
+            await self._finish_cancelled(job)
+            return
+        assert refs is not None, scope
+        await self.results.send((job, refs))

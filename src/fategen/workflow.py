@@ -1,0 +1,244 @@
+"""Workflow templates: ComfyUI API-format graphs, and turning a request into one.
+
+A template is a workflow exported from ComfyUI with "Save (API)": ``{node_id: {"inputs": {...},
+"class_type": ..., "_meta": {"title": ...}}}``, where a link is ``[node_id, output_index]``.
+
+Parameters reach the graph by *binding*, never by string templating: each parameter names a node
+by its title (``_meta.title``, what ComfyUI shows on the node) and one of its inputs
+(`BINDINGS`). A template declares what it can take by which titled nodes it contains, so an
+operator can build any workflow in ComfyUI, rename a few nodes (``checkpoint``, ``positive``,
+``negative``, ``latent``, ``sampler``, ``save``), export it, and use it with no code change.
+User text is only ever stored as a JSON string value: it cannot change the graph's structure.
+
+Loading checks, once, that the bindings are sound (`parse_template`); building (`build_workflow`)
+is then a deep copy plus plain assignments.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from fategen.errors import WorkflowError
+from fategen.modelconfig import ModelSpec
+from fategen.prompt import GenerationRequest, negative_text, positive_text
+
+#: parameter -> (node title, input name).
+BINDINGS: Mapping[str, tuple[str, str]] = {
+    "checkpoint": ("checkpoint", "ckpt_name"),
+    "positive": ("positive", "text"),
+    "negative": ("negative", "text"),
+    "width": ("latent", "width"),
+    "height": ("latent", "height"),
+    "batch_size": ("latent", "batch_size"),
+    "seed": ("sampler", "seed"),
+    "steps": ("sampler", "steps"),
+    "cfg": ("sampler", "cfg"),
+    "sampler_name": ("sampler", "sampler_name"),
+    "scheduler": ("sampler", "scheduler"),
+    "filename_prefix": ("save", "filename_prefix"),
+}
+
+#: Parameters every template must bind (the ``save`` node is the workflow's output).
+REQUIRED: frozenset[str] = frozenset(
+    {"checkpoint", "positive", "width", "height", "batch_size", "seed", "filename_prefix"}
+)
+
+#: What each parameter is, for error messages ("... so it cannot take a negative prompt").
+_WHAT: Mapping[str, str] = {
+    "checkpoint": "a checkpoint",
+    "positive": "a prompt",
+    "negative": "a negative prompt",
+    "width": "a width",
+    "height": "a height",
+    "batch_size": "an image count",
+    "seed": "a seed",
+    "steps": "a step count",
+    "cfg": "a CFG scale",
+    "sampler_name": "a sampler name",
+    "scheduler": "a scheduler",
+    "filename_prefix": "a file name prefix",
+}
+
+_TITLES: frozenset[str] = frozenset(title for title, _ in BINDINGS.values())
+
+#: ComfyUI's KSampler accepts seeds 0 .. 2**64 - 1.
+MAX_SEED = 2**64 - 1
+
+
+@attrs.frozen
+class WorkflowTemplate:
+    """A checked workflow template.
+
+    ``graph`` is the template's own copy of the API-format graph: treat it as read-only
+    (`build_workflow` deep-copies it). ``bound`` holds the parameters (keys of `BINDINGS`) this
+    template can take; ``nodes`` maps each bound title to its node id.
+    """
+
+    name: str
+    graph: dict[str, Any] = attrs.field(repr=False)
+    bound: frozenset[str]
+    nodes: Mapping[str, str] = attrs.field(repr=False)
+
+
+def _is_link(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    )
+
+
+def parse_template(name: str, data: Any) -> WorkflowTemplate:
+    """Check a decoded API-format workflow and find its bindings (pure).
+
+    Checks: the shape (nodes with ``inputs`` and ``class_type``); every link points at an existing
+    node; the titles `BINDINGS` uses appear at most once (other titles, such as ComfyUI's default
+    ones, may repeat); every input `BINDINGS` names for a title that is present exists in that node
+    and holds a value, not a link; the `REQUIRED` parameters are bound.
+
+    Raises:
+        WorkflowError: naming the template, and the node title and input where it applies.
+    """
+    where = f"workflow template {name!r}"
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
+        raise WorkflowError(
+            f'{where} is in ComfyUI\'s UI format; export it with "Save (API)" instead'
+        )
+    if not isinstance(data, dict) or not data:
+        raise WorkflowError(f"{where} must be a JSON object of nodes (ComfyUI API format)")
+    graph = copy.deepcopy(data)
+    nodes: dict[str, str] = {}
+    for node_id, node in graph.items():
+        if (
+            not isinstance(node, dict)
+            or not isinstance(node.get("inputs"), dict)
+            or not isinstance(node.get("class_type"), str)
+        ):
+            raise WorkflowError(
+                f'{where}: node {node_id!r} needs an "inputs" object and a "class_type" string'
+            )
+        for input_name, value in node["inputs"].items():
+            if _is_link(value) and value[0] not in graph:
+                raise WorkflowError(
+                    f"{where}: input {input_name!r} of node {node_id!r} links to node "
+                    f"{value[0]!r}, which does not exist"
+                )
+        meta = node.get("_meta")
+        title = meta.get("title") if isinstance(meta, dict) else None
+        if isinstance(title, str) and title in _TITLES:
+            if title in nodes:
+                raise WorkflowError(
+                    f"{where}: more than one node is titled {title!r} "
+                    f"(nodes {nodes[title]!r} and {node_id!r})"
+                )
+            nodes[title] = node_id
+    bound = set()
+    for param, (title, input_name) in BINDINGS.items():
+        if title not in nodes:
+            continue
+        inputs = graph[nodes[title]]["inputs"]
+        if input_name not in inputs:
+            raise WorkflowError(f"{where}: the node titled {title!r} has no input {input_name!r}")
+        if _is_link(inputs[input_name]):
+            raise WorkflowError(
+                f"{where}: input {input_name!r} of the node titled {title!r} is linked to "
+                "another node; it must hold a value"
+            )
+        bound.add(param)
+    missing = sorted({BINDINGS[param][0] for param in REQUIRED - bound})
+    if missing:
+        raise WorkflowError(
+            f"{where} has no node titled "
+            + ", ".join(repr(t) for t in missing)
+            + " (rename the nodes in ComfyUI and export again)"
+        )
+    return WorkflowTemplate(name=name, graph=graph, bound=frozenset(bound), nodes=nodes)
+
+
+def load_template(path: Path) -> WorkflowTemplate:
+    """Read and check one template; its name is the file's stem (blocking)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise WorkflowError(f"cannot read the workflow template {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(
+            f"workflow template {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from exc
+    return parse_template(path.stem, data)
+
+
+def load_templates(directory: Path) -> dict[str, WorkflowTemplate]:
+    """Load every ``*.json`` in ``directory`` (not hidden files), keyed by file stem (blocking)."""
+    try:
+        paths = sorted(
+            p for p in directory.iterdir() if p.suffix == ".json" and not p.name.startswith(".")
+        )
+    except OSError as exc:
+        raise WorkflowError(
+            f"cannot read the workflow directory {directory}: {exc.strerror}"
+        ) from exc
+    return {path.stem: load_template(path) for path in paths}
+
+
+def build_workflow(
+    template: WorkflowTemplate,
+    spec: ModelSpec,
+    request: GenerationRequest,
+    *,
+    filename_prefix: str,
+) -> dict[str, Any]:
+    """The API-format graph for one request (pure): a deep copy of the template with values set.
+
+    Sets the checkpoint, the positive text (``spec.system_prompt`` followed by `positive_text`),
+    the negative text, width, height, batch size (``request.count``), seed, steps and the output
+    file name prefix; ``cfg``, sampler and scheduler only when the model sets them (otherwise
+    the template's values stay). A template without a ``negative`` node can still run a request
+    whose negative text is empty.
+
+    Raises:
+        WorkflowError: the request needs a parameter the template does not bind, or the seed is
+            outside ComfyUI's range.
+    """
+    if not 0 <= request.seed <= MAX_SEED:
+        raise WorkflowError(f"the seed must be between 0 and {MAX_SEED}, got {request.seed}")
+    values: dict[str, Any] = {
+        "checkpoint": spec.checkpoint_name,
+        "positive": spec.system_prompt + positive_text(request, spec),
+        "width": request.width,
+        "height": request.height,
+        "batch_size": request.count,
+        "seed": request.seed,
+        "steps": spec.steps,
+        "filename_prefix": filename_prefix,
+    }
+    negative = negative_text(request, spec)
+    if negative or "negative" in template.bound:
+        # An empty negative still overwrites the template's example text.
+        values["negative"] = negative
+    if spec.cfg is not None:
+        values["cfg"] = spec.cfg
+    if spec.sampler is not None:
+        values["sampler_name"] = spec.sampler
+    if spec.scheduler is not None:
+        values["scheduler"] = spec.scheduler
+    graph = copy.deepcopy(template.graph)
+    for param, value in values.items():
+        title, input_name = BINDINGS[param]
+        if param not in template.bound:
+            raise WorkflowError(
+                f"the workflow {template.name!r} has no node titled {title!r}, "
+                f"so it cannot take {_WHAT[param]}"
+            )
+        graph[template.nodes[title]]["inputs"][input_name] = value
+    return graph

@@ -1,0 +1,275 @@
+"""Settings.from_env: defaults, every variable, one-sentence errors, .env, frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from fategen.errors import ConfigError
+from fategen.settings import Settings
+
+KEY_A = "a" * 16
+KEY_B = "b-0123456789abcdef"
+FIELDS = attrs.fields(Settings)  # type: ignore[arg-type]  # environ.config is attrs underneath
+
+
+def test_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.comfyui_address == "127.0.0.1"
+    assert s.comfyui_port == 8188
+    assert s.comfyui_folder_path is None
+    assert s.log_level == "INFO"
+    assert s.http_host == "127.0.0.1"
+    assert s.http_port == 8000
+    assert s.output_dir == Path("output")
+    assert s.data_dir == Path("data")
+    assert s.model_config == Path("config/modelConfiguration.json")
+    assert s.workflows_dir == Path("workflows")
+    assert s.webp_quality == 90
+    assert s.idle_unload_seconds == 600.0
+    assert s.idle_free_memory_seconds == 3600.0
+    assert s.wait_timeout_default == 30.0
+    assert s.wait_timeout_max == 300.0
+    assert s.connect_timeout == 10.0
+    assert s.stall_timeout == 120.0
+    assert s.job_timeout == 900.0
+    assert s.shutdown_grace == 30.0
+    assert s.max_queue_per_user == 10
+    assert s.max_queue == 500
+    assert s.api_keys == frozenset()
+    assert s.admin_keys == frozenset()
+    assert s.public_url == ""
+    assert s.comfyui_url == "http://127.0.0.1:8188"
+
+
+def test_defaults_have_the_declared_types() -> None:
+    s = Settings.from_env({})
+    for field in FIELDS:
+        value = getattr(s, field.name)
+        if isinstance(value, float):
+            assert type(value) is float, field.name
+    assert type(s.comfyui_port) is int
+
+
+EVERY_VARIABLE: list[tuple[str, str, str, Any]] = [
+    ("COMFYUI_ADDRESS", " comfy.lan ", "comfyui_address", "comfy.lan"),
+    ("COMFYUI_PORT", "8189", "comfyui_port", 8189),
+    ("COMFYUI_FOLDER_PATH", "/srv/comfy/output", "comfyui_folder_path", Path("/srv/comfy/output")),
+    ("LOG_LEVEL", " debug ", "log_level", "DEBUG"),
+    ("FATEGEN_HOST", "0.0.0.0", "http_host", "0.0.0.0"),
+    ("FATEGEN_PORT", "0", "http_port", 0),
+    ("FATEGEN_OUTPUT_DIR", "/var/fategen/out", "output_dir", Path("/var/fategen/out")),
+    ("FATEGEN_DATA_DIR", "/var/fategen/db", "data_dir", Path("/var/fategen/db")),
+    ("FATEGEN_MODEL_CONFIG", "models.json", "model_config", Path("models.json")),
+    ("FATEGEN_WORKFLOWS_DIR", "wf", "workflows_dir", Path("wf")),
+    ("FATEGEN_WEBP_QUALITY", "75", "webp_quality", 75),
+    ("FATEGEN_IDLE_UNLOAD_SECONDS", "1.5", "idle_unload_seconds", 1.5),
+    ("FATEGEN_IDLE_FREE_MEMORY_SECONDS", "0", "idle_free_memory_seconds", 0.0),
+    ("FATEGEN_WAIT_TIMEOUT", "45", "wait_timeout_default", 45.0),
+    ("FATEGEN_WAIT_TIMEOUT_MAX", "1e3", "wait_timeout_max", 1000.0),
+    ("FATEGEN_CONNECT_TIMEOUT", "2.5", "connect_timeout", 2.5),
+    ("FATEGEN_STALL_TIMEOUT", "60", "stall_timeout", 60.0),
+    ("FATEGEN_JOB_TIMEOUT", "1800", "job_timeout", 1800.0),
+    ("FATEGEN_SHUTDOWN_GRACE", "0", "shutdown_grace", 0.0),
+    ("FATEGEN_MAX_QUEUE_PER_USER", "3", "max_queue_per_user", 3),
+    ("FATEGEN_MAX_QUEUE", "1000", "max_queue", 1000),
+    ("FATEGEN_API_KEYS", f" {KEY_A} ,{KEY_B},,", "api_keys", frozenset({KEY_A, KEY_B})),
+    ("FATEGEN_ADMIN_KEYS", KEY_B, "admin_keys", frozenset({KEY_B})),
+    ("FATEGEN_PUBLIC_URL", " https://img.example.org/ ", "public_url", "https://img.example.org"),
+]
+
+
+@pytest.mark.parametrize(("variable", "raw", "attribute", "expected"), EVERY_VARIABLE)
+def test_every_variable_is_parsed(variable: str, raw: str, attribute: str, expected: Any) -> None:
+    s = Settings.from_env({variable: raw})
+    value = getattr(s, attribute)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_every_field_is_covered() -> None:
+    assert {a for _, _, a, _ in EVERY_VARIABLE} == {f.name for f in FIELDS}
+
+
+def test_all_variables_at_once() -> None:
+    s = Settings.from_env({v: raw for v, raw, _, _ in EVERY_VARIABLE})
+    for _, _, attribute, expected in EVERY_VARIABLE:
+        assert getattr(s, attribute) == expected
+
+
+def test_unknown_variables_are_ignored() -> None:
+    assert Settings.from_env({"PATH": "/bin", "FATEGEN_NOPE": "1"}) == Settings.from_env({})
+
+
+def test_home_is_expanded_in_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/fate")
+    assert Settings.from_env({"FATEGEN_DATA_DIR": "~/db"}).data_dir == Path("/home/fate/db")
+
+
+BAD_VALUES = [
+    ("COMFYUI_PORT", "abc"),
+    ("COMFYUI_PORT", "70000"),
+    ("COMFYUI_PORT", "0"),
+    ("COMFYUI_PORT", ""),
+    ("COMFYUI_PORT", "80.5"),
+    ("FATEGEN_PORT", "-1"),
+    ("FATEGEN_PORT", "65536"),
+    ("FATEGEN_WEBP_QUALITY", "0"),
+    ("FATEGEN_WEBP_QUALITY", "101"),
+    ("FATEGEN_MAX_QUEUE", "0"),
+    ("FATEGEN_MAX_QUEUE_PER_USER", "many"),
+    ("FATEGEN_JOB_TIMEOUT", "-1"),
+    ("FATEGEN_JOB_TIMEOUT", "0"),
+    ("FATEGEN_STALL_TIMEOUT", "nan"),
+    ("FATEGEN_WAIT_TIMEOUT", "inf"),
+    ("FATEGEN_WAIT_TIMEOUT_MAX", "-inf"),
+    ("FATEGEN_CONNECT_TIMEOUT", "ten"),
+    ("FATEGEN_IDLE_UNLOAD_SECONDS", "0"),
+    ("FATEGEN_IDLE_FREE_MEMORY_SECONDS", "-0.5"),
+    ("FATEGEN_SHUTDOWN_GRACE", "1e400"),
+    ("LOG_LEVEL", "junk"),
+    ("LOG_LEVEL", ""),
+    ("COMFYUI_ADDRESS", ""),
+    ("COMFYUI_ADDRESS", "http://comfy"),
+    ("COMFYUI_ADDRESS", "comfy host"),
+    ("FATEGEN_HOST", "user@host"),
+    ("FATEGEN_OUTPUT_DIR", ""),
+    ("FATEGEN_DATA_DIR", "  "),
+    ("FATEGEN_WORKFLOWS_DIR", "wf\0x"),
+    ("COMFYUI_FOLDER_PATH", "out\0put"),
+]
+
+
+def _one_sentence(message: str) -> None:
+    assert message
+    assert "\n" not in message
+    body = message.rstrip(".")
+    assert ". " not in body, message
+
+
+@pytest.mark.parametrize(("variable", "raw"), BAD_VALUES)
+def test_bad_value_is_one_sentence_naming_variable_and_value(variable: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: raw})
+    message = str(caught.value)
+    _one_sentence(message)
+    assert message.startswith(variable)
+    assert repr(raw) in message or repr(raw.strip()) in message
+    assert caught.value.__cause__ is None
+
+
+def test_nan_is_called_not_finite() -> None:
+    with pytest.raises(ConfigError, match=r"FATEGEN_STALL_TIMEOUT='nan' .*finite"):
+        Settings.from_env({"FATEGEN_STALL_TIMEOUT": "nan"})
+
+
+def test_port_out_of_range_says_the_range() -> None:
+    with pytest.raises(ConfigError, match=r"^COMFYUI_PORT='70000' .*from 1 to 65535$"):
+        Settings.from_env({"COMFYUI_PORT": "70000"})
+
+
+@pytest.mark.parametrize("variable", ["FATEGEN_API_KEYS", "FATEGEN_ADMIN_KEYS"])
+def test_short_key_names_its_own_variable_but_never_echoes_the_secret(variable: str) -> None:
+    secret = "hunter2-short"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: f"{KEY_A},{secret}"})
+    message = str(caught.value)
+    _one_sentence(message)
+    assert message.startswith(f"{variable} is invalid")
+    assert "key 2 of 2" in message
+    assert f"{len(secret)} characters" in message
+    assert secret not in message
+    assert KEY_A not in message
+
+
+def test_empty_keys_mean_no_authentication() -> None:
+    s = Settings.from_env({"FATEGEN_API_KEYS": " , ", "FATEGEN_ADMIN_KEYS": ""})
+    assert s.api_keys == frozenset()
+    assert s.admin_keys == frozenset()
+
+
+# -- .env ------------------------------------------------------------------------------
+
+
+def test_dotenv_is_read(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "# comment\nCOMFYUI_PORT=9001\nexport LOG_LEVEL=warning\n"
+        f'FATEGEN_API_KEYS="{KEY_A},{KEY_B}"\n'
+    )
+    s = Settings.from_env({}, dotenv=dotenv)
+    assert s.comfyui_port == 9001
+    assert s.log_level == "WARNING"
+    assert s.api_keys == frozenset({KEY_A, KEY_B})
+
+
+def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("COMFYUI_PORT=9001\nFATEGEN_PORT=9002\n")
+    s = Settings.from_env({"COMFYUI_PORT": "9100"}, dotenv=dotenv)
+    assert s.comfyui_port == 9100
+    assert s.http_port == 9002
+
+
+def test_environment_can_fix_a_bad_dotenv_value(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("COMFYUI_PORT=abc\n")
+    with pytest.raises(ConfigError, match="COMFYUI_PORT='abc'"):
+        Settings.from_env({}, dotenv=dotenv)
+    assert Settings.from_env({"COMFYUI_PORT": "1234"}, dotenv=dotenv).comfyui_port == 1234
+
+
+def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
+    assert Settings.from_env({}, dotenv=tmp_path / "absent.env") == Settings.from_env({})
+
+
+def test_dotenv_variable_without_value_is_ignored(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("COMFYUI_PORT\nFATEGEN_PORT=9002\n")
+    s = Settings.from_env({}, dotenv=dotenv)
+    assert s.comfyui_port == 8188
+    assert s.http_port == 9002
+
+
+def test_default_environment_is_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FATEGEN_MAX_QUEUE", "7")
+    assert Settings.from_env().max_queue == 7
+
+
+# -- the object ------------------------------------------------------------------------
+
+
+def test_frozen() -> None:
+    s = Settings.from_env({})
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        s.http_port = 1
+    assert s.http_port == 8000
+
+
+def test_replace_returns_a_new_object() -> None:
+    s = Settings.from_env({})
+    t = s.replace(http_port=1234)
+    assert (s.http_port, t.http_port) == (8000, 1234)
+
+
+def test_equal_and_hashable() -> None:
+    assert Settings.from_env({}) == Settings.from_env({})
+    assert hash(Settings.from_env({})) == hash(Settings.from_env({}))
+
+
+@pytest.mark.parametrize(
+    ("address", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:7000"),
+        ("comfy.lan", "http://comfy.lan:7000"),
+        ("::1", "http://[::1]:7000"),
+        ("fd00::12:34", "http://[fd00::12:34]:7000"),
+        ("[::1]", "http://[::1]:7000"),
+    ],
+)
+def test_comfyui_url(address: str, url: str) -> None:
+    s = Settings.from_env({"COMFYUI_ADDRESS": address, "COMFYUI_PORT": "7000"})
+    assert s.comfyui_url == url
