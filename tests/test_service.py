@@ -269,3 +269,15 @@ async def test_images_are_decodable_bytes(stack: Stack) -> None:
     r = await stack.client.get(f"/job/{sub['job_id']}/image")
     with Image.open(io.BytesIO(r.content)) as image:
         assert image.size == (512, 256)
+
+
+async def test_startup_check_warns_about_missing_checkpoints(tmp_path: Path) -> None:
+    knobs = SimulatorKnobs(step_seconds=0.002)
+    knobs.checkpoints = [c for c in knobs.checkpoints if not c.startswith("lumina")]
+    async with open_stack(tmp_path, knobs) as stack:
+        service = stack.running.service
+        with trio.fail_after(10):
+            await service.setup_checked.wait()
+        assert len(service.setup_warnings) == 1
+        assert "lumina2" in service.setup_warnings[0]
+        assert "lumina_2.safetensors" in service.setup_warnings[0]

@@ -66,6 +66,13 @@ async def serve(settings: Settings, *, simulate: bool) -> None:
         nursery.cancel_scope.cancel()
 
 
+def configure_logging(level: str) -> None:
+    """One format for every logger; httpx's line per ComfyUI request only at DEBUG."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if level != "DEBUG":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -79,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fategen: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level)
     status = 0
     try:
         trio.run(functools.partial(serve, settings, simulate=args.simulate))

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
 import httpx
 import trio
+from quart_trio import QuartTrio
 
 from fategen.comfy import ComfySession, ImageRef
 from fategen.db import JobDB
-from fategen.errors import ConfigError
+from fategen.errors import ConfigError, FategenError
 from fategen.frontdesk import Frontdesk
 from fategen.http import create_app, serve_http
 from fategen.jobs import Job, JobStatus, JobStore
@@ -48,6 +48,7 @@ class Running:
     store: JobStore
     desk: Frontdesk
     session: ComfySession
+    service: Service
 
     @property
     def url(self) -> str:
@@ -70,116 +71,193 @@ def _prepare_output(path: Path) -> None:
         raise ConfigError(f"cannot create the output folder {path}: {exc.strerror}") from exc
 
 
+@attrs.define(eq=False)
+class Service:
+    """Every actor of the service, built but not yet running (see `build_service`)."""
+
+    settings: Settings
+    store: JobStore
+    policy: FairPolicy
+    session: ComfySession
+    scheduler: Scheduler
+    worker: ComfyWorker
+    post: PostProcessor
+    watchdog: IdleWatchdog
+    desk: Frontdesk
+    app: QuartTrio
+    http: httpx.AsyncClient
+    db: JobDB
+    #: What the start-up check found missing on ComfyUI (one sentence each).
+    setup_warnings: list[str] = attrs.field(factory=list)
+    #: Set once the start-up check has run (or could not run).
+    setup_checked: trio.Event = attrs.field(factory=trio.Event)
+
+    async def run_actors(
+        self, shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run every actor but the HTTP server until ``shutdown`` is set, then stop gracefully.
+
+        Reports ready once every actor runs. On shutdown: new jobs are refused, waiters are
+        answered, the running job gets ``shutdown_grace`` seconds, then everything stops.
+        """
+        try:
+            async with self.http, trio.open_nursery() as nursery:
+                await self._recover()
+                await nursery.start(self.session.run)
+                await nursery.start(self.watchdog.run)
+                if self.store.active:
+                    self.watchdog.notify_busy()
+                await nursery.start(self.post.run)
+                await nursery.start(self.scheduler.run)
+                await nursery.start(self.worker.run)
+                nursery.start_soon(self._check_setup)
+                task_status.started()
+                await shutdown.wait()
+                await self._stop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.db.close()
+        log.info("fategen stopped")
+
+    async def _recover(self) -> None:
+        for job in await self.store.load():
+            changes = requeue_interrupted(job)
+            log.warning(
+                "job %s was processing when fategen stopped: %s",
+                job.id,
+                "running it again" if changes["status"] is JobStatus.QUEUED else "failed",
+            )
+            await self.store.update(job, **changes)
+        self.store.recovered = {j.id for j in self.store.queued()}
+
+    async def _check_setup(self) -> None:
+        """Once ComfyUI is reachable, warn about node types and checkpoints it lacks."""
+        await self.session.wait_available()
+        templates = self.worker.templates
+        config = self.worker.config
+        node_classes = {
+            name: {node["class_type"] for node in t.graph.values()} for name, t in templates.items()
+        }
+        checkpoints = {m: spec.checkpoint_name for m, spec in config.models.items()}
+        try:
+            self.setup_warnings = await self.session.check_setup(node_classes, checkpoints)
+        except FategenError as exc:
+            log.warning("could not check ComfyUI's nodes and checkpoints: %s", exc)
+        finally:
+            self.setup_checked.set()
+        for warning in self.setup_warnings:
+            log.warning("%s", warning)
+
+    def begin_stop(self) -> None:
+        """Refuse new jobs and answer every long-poll now (idempotent)."""
+        if not self.desk.stopping:
+            log.info("shutting down: refusing new jobs, answering waiters")
+        self.desk.stop()
+        self.scheduler.pause()
+
+    async def _stop(self) -> None:
+        self.begin_stop()
+        grace = self.settings.shutdown_grace
+        with trio.move_on_after(grace) as scope:
+            while self.worker.running or self.post.busy:
+                await self.store.wait_any_change()
+        if scope.cancelled_caught:
+            log.warning(
+                "the running job did not finish within %.0f s; it will run again after the restart",
+                grace,
+            )
+        await self.worker.withdraw_submitted()
+
+
+def build_service(settings: Settings) -> Service:
+    """Load the configuration and build every actor (blocking: files and SQLite are opened).
+
+    Raises:
+        ConfigError: the configuration, the output folder or the database is unusable.
+    """
+    config, templates = load_configuration(settings)
+    _prepare_output(settings.output_dir)
+    db = JobDB(settings.data_dir / "jobs.sqlite3")
+    store = JobStore(db)
+    policy = FairPolicy(
+        checkpoint_of=lambda m: config.models[m].checkpoint_name if m in config.models else m
+    )
+    requests_tx, requests_rx = trio.open_memory_channel[trio.MemorySendChannel[Job]](0)
+    results_tx, results_rx = trio.open_memory_channel[tuple[Job, list[ImageRef]]](4)
+    http = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
+        timeout=httpx.Timeout(30.0, connect=settings.connect_timeout),
+    )
+    session = ComfySession(
+        settings.comfyui_url,
+        http=http,
+        folder_path=settings.comfyui_folder_path,
+        connect_timeout=settings.connect_timeout,
+        stall_timeout=settings.stall_timeout,
+        job_timeout=settings.job_timeout,
+    )
+    scheduler = Scheduler(store, policy, requests_rx)
+    worker = ComfyWorker(store, scheduler, session, config, templates, requests_tx, results_tx)
+    post = PostProcessor(
+        store, session.fetch_images, settings.output_dir, results_rx, settings.webp_quality
+    )
+
+    async def free(*, unload_models: bool = True, free_memory: bool = False) -> None:
+        await session.free(unload_models=unload_models, free_memory=free_memory)
+        policy.unloaded()
+
+    watchdog = IdleWatchdog(
+        free,
+        unload_after=settings.idle_unload_seconds,
+        free_memory_after=settings.idle_free_memory_seconds,
+    )
+    store.on_activity = lambda active: watchdog.notify_busy() if active else watchdog.notify_idle()
+    desk = Frontdesk(
+        store,
+        scheduler,
+        config,
+        templates,
+        canceller=worker,
+        health=session,
+        max_queue=settings.max_queue,
+        max_queue_per_user=settings.max_queue_per_user,
+    )
+    app = create_app(desk, settings, settings.comfyui_url)
+    return Service(
+        settings, store, policy, session, scheduler, worker, post, watchdog, desk, app, http, db
+    )
+
+
 async def run_service(
     settings: Settings,
     shutdown: trio.Event,
     *,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    config, templates = await trio.to_thread.run_sync(load_configuration, settings)
-    await trio.to_thread.run_sync(_prepare_output, settings.output_dir)
-    db = await trio.to_thread.run_sync(JobDB, settings.data_dir / "jobs.sqlite3")
-    try:
-        await _run(settings, shutdown, config, templates, db, task_status)
-    finally:
-        db.close()
+    """The whole service with its own HTTP server (``fategen serve``)."""
+    service = await trio.to_thread.run_sync(build_service, settings)
+    stop_http = trio.Event()
+    actors_stopped = trio.Event()
 
+    async def actors(*, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await service.run_actors(shutdown, task_status=task_status)
+        finally:
+            actors_stopped.set()
 
-async def _run(
-    settings: Settings,
-    shutdown: trio.Event,
-    config: ModelConfig,
-    templates: Mapping[str, WorkflowTemplate],
-    db: JobDB,
-    task_status: trio.TaskStatus[Running],
-) -> None:
-    store = JobStore(db)
-    for job in await store.load():
-        changes = requeue_interrupted(job)
-        log.warning(
-            "job %s was processing when fategen stopped: %s",
-            job.id,
-            "running it again" if changes["status"] is JobStatus.QUEUED else "failed",
-        )
-        await store.update(job, **changes)
-    store.recovered = {j.id for j in store.queued()}
-    policy = FairPolicy(
-        checkpoint_of=lambda m: config.models[m].checkpoint_name if m in config.models else m
-    )
-    requests_tx, requests_rx = trio.open_memory_channel[trio.MemorySendChannel[Job]](0)
-    results_tx, results_rx = trio.open_memory_channel[tuple[Job, list[ImageRef]]](4)
-    limits = httpx.Limits(max_connections=8, max_keepalive_connections=4)
-    timeout = httpx.Timeout(30.0, connect=settings.connect_timeout)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
-        session = ComfySession(
-            settings.comfyui_url,
-            http=http,
-            folder_path=settings.comfyui_folder_path,
-            connect_timeout=settings.connect_timeout,
-            stall_timeout=settings.stall_timeout,
-            job_timeout=settings.job_timeout,
-        )
-        scheduler = Scheduler(store, policy, requests_rx)
-        worker = ComfyWorker(store, scheduler, session, config, templates, requests_tx, results_tx)
-        post = PostProcessor(
-            store, session.fetch_images, settings.output_dir, results_rx, settings.webp_quality
-        )
-
-        async def free(*, unload_models: bool = True, free_memory: bool = False) -> None:
-            await session.free(unload_models=unload_models, free_memory=free_memory)
-            policy.unloaded()
-
-        watchdog = IdleWatchdog(
-            free,
-            unload_after=settings.idle_unload_seconds,
-            free_memory_after=settings.idle_free_memory_seconds,
-        )
-        store.on_activity = lambda active: (
-            watchdog.notify_busy() if active else watchdog.notify_idle()
-        )
-        desk = Frontdesk(
-            store,
-            scheduler,
-            config,
-            templates,
-            canceller=worker,
-            health=session,
-            max_queue=settings.max_queue,
-            max_queue_per_user=settings.max_queue_per_user,
-        )
-        app = create_app(desk, settings, settings.comfyui_url)
-        stop_http = trio.Event()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(session.run)
-            await nursery.start(watchdog.run)
-            if store.active:
-                watchdog.notify_busy()
-            await nursery.start(post.run)
-            await nursery.start(scheduler.run)
-            await nursery.start(worker.run)
-            urls = await nursery.start(
-                functools.partial(
-                    serve_http, app, settings.http_host, settings.http_port, stop_http.wait
-                )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actors)
+        urls = await nursery.start(
+            functools.partial(
+                serve_http, service.app, settings.http_host, settings.http_port, stop_http.wait
             )
-            log.info(
-                "fategen listening on %s, ComfyUI at %s", ", ".join(urls), settings.comfyui_url
-            )
-            task_status.started(Running(urls, settings, store, desk, session))
-            await shutdown.wait()
-            log.info("shutting down: refusing new jobs, answering waiters")
-            desk.stop()
-            scheduler.pause()
-            stop_http.set()
-            with trio.move_on_after(settings.shutdown_grace) as grace:
-                while worker.running or post.busy:
-                    await store.wait_any_change()
-            if grace.cancelled_caught:
-                log.warning(
-                    "the running job did not finish within %.0f s; it will run again "
-                    "after the restart",
-                    settings.shutdown_grace,
-                )
-            await worker.withdraw_submitted()
-            nursery.cancel_scope.cancel()
-    log.info("fategen stopped")
+        )
+        log.info("fategen listening on %s, ComfyUI at %s", ", ".join(urls), settings.comfyui_url)
+        task_status.started(
+            Running(urls, settings, service.store, service.desk, service.session, service)
+        )
+        await shutdown.wait()
+        # Answer long-polls first, or they hold hypercorn's graceful shutdown.
+        service.begin_stop()
+        stop_http.set()
+        await actors_stopped.wait()

@@ -1,0 +1,123 @@
+"""The README's ways of running the service, as real processes: ``fategen serve --simulate`` and
+plain ``hypercorn --worker-class trio 'fategen.asgi:create_app()'``."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+
+from fategen.simulator import Simulator, SimulatorKnobs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def service_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FATEGEN_PORT=str(port),
+        FATEGEN_OUTPUT_DIR=str(tmp_path / "output"),
+        FATEGEN_DATA_DIR=str(tmp_path / "data"),
+        FATEGEN_MODEL_CONFIG=str(ROOT / "config" / "modelConfiguration.json"),
+        FATEGEN_WORKFLOWS_DIR=str(ROOT / "workflows"),
+        FATEGEN_SHUTDOWN_GRACE="5",
+        **extra,
+    )
+    return env
+
+
+async def wait_healthy(client: httpx.AsyncClient) -> None:
+    while True:
+        try:
+            if (await client.get("/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await trio.sleep(0.1)
+
+
+async def one_job(client: httpx.AsyncClient) -> None:
+    r = await client.post("/request", json={"message": "a harbour -m tiny -c 2", "nick": "n"})
+    assert r.status_code == 200, r.text
+    job = (await client.get(f"/wait/{r.json()['job_id']}", params={"timeout": 30})).json()
+    assert job["status"] == "completed", job
+    image = await client.get(f"/job/{job['job_id']}/image")
+    assert image.headers["content-type"] == "image/webp"
+
+
+async def run_and_stop(argv: list[str], env: dict[str, str], port: int, sig: int) -> str:
+    proc = await trio.lowlevel.open_process(
+        argv, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    output = bytearray()
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        async for chunk in proc.stdout:
+            output.extend(chunk)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                with trio.fail_after(20):
+                    await wait_healthy(c)
+                await one_job(c)
+            proc.send_signal(sig)
+            with trio.fail_after(20):
+                code = await proc.wait()
+        assert code == 0, output.decode(errors="replace")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    return output.decode(errors="replace")
+
+
+async def test_fategen_serve_simulate(tmp_path: Path) -> None:
+    port = free_port()
+    log = await run_and_stop(
+        [sys.executable, "-m", "fategen", "serve", "--simulate"],
+        service_env(tmp_path, port),
+        port,
+        signal.SIGINT,
+    )
+    assert "fategen is ready on" in log
+    assert "finished in" in log and "fategen stopped" in log
+    assert "HTTP Request:" not in log  # httpx's per-request lines stay at DEBUG
+
+
+async def test_plain_hypercorn_deployment(tmp_path: Path) -> None:
+    sim = Simulator(SimulatorKnobs(step_seconds=0.002))
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        sim_port = await nursery.start(functools.partial(sim.serve, port=0))
+        argv = [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--worker-class",
+            "trio",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "fategen.asgi:create_app()",
+        ]
+        log = await run_and_stop(
+            argv, service_env(tmp_path, port, COMFYUI_PORT=str(sim_port)), port, signal.SIGTERM
+        )
+        nursery.cancel_scope.cancel()
+    assert "fategen stopped" in log
+    assert len(sim.executions) == 1
