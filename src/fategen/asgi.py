@@ -35,17 +35,9 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:
         shutdown = trio.Event()
-        stopped = trio.Event()
-
-        async def actors(*, task_status: trio.TaskStatus[None]) -> None:
-            try:
-                await service.run_actors(shutdown, task_status=task_status)
-            finally:
-                stopped.set()
-
-        await app.nursery.start(actors)
+        await app.nursery.start(service.run_actors, shutdown)
         yield
         shutdown.set()
-        await stopped.wait()
+        await service.stopped.wait()
 
     return app

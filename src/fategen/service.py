@@ -91,6 +91,8 @@ class Service:
     setup_warnings: list[str] = attrs.field(factory=list)
     #: Set once the start-up check has run (or could not run).
     setup_checked: trio.Event = attrs.field(factory=trio.Event)
+    #: Set once `run_actors` has returned (or failed).
+    stopped: trio.Event = attrs.field(factory=trio.Event)
 
     async def run_actors(
         self, shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -117,6 +119,7 @@ class Service:
                 nursery.cancel_scope.cancel()
         finally:
             self.db.close()
+            self.stopped.set()
         log.info("fategen stopped")
 
     async def _recover(self) -> None:
@@ -237,16 +240,8 @@ async def run_service(
     """The whole service with its own HTTP server (``fategen serve``)."""
     service = await trio.to_thread.run_sync(build_service, settings)
     stop_http = trio.Event()
-    actors_stopped = trio.Event()
-
-    async def actors(*, task_status: trio.TaskStatus[None]) -> None:
-        try:
-            await service.run_actors(shutdown, task_status=task_status)
-        finally:
-            actors_stopped.set()
-
     async with trio.open_nursery() as nursery:
-        await nursery.start(actors)
+        await nursery.start(service.run_actors, shutdown)
         urls = await nursery.start(
             functools.partial(
                 serve_http, service.app, settings.http_host, settings.http_port, stop_http.wait
@@ -260,4 +255,4 @@ async def run_service(
         # Answer long-polls first, or they hold hypercorn's graceful shutdown.
         service.begin_stop()
         stop_http.set()
-        await actors_stopped.wait()
+        await service.stopped.wait()
