@@ -30,3 +30,39 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on src/."""
     session.install("-e", ".[test]", "mypy>=1.10")
     session.run("mypy", "src", *session.posargs)
+
+
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """Hypothesis fuzzing of the prompt parser and of POST /request with many examples
+    (FUZZ_EXAMPLES, default 5000)."""
+    session.install("-e", ".[test]")
+    session.env.setdefault("FUZZ_EXAMPLES", "5000")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_fuzz.py", *session.posargs)
+
+
+@nox.session(default=False)
+def schemathesis(session: nox.Session) -> None:
+    """schemathesis against the live service's /openapi.json (fategen serve --simulate).
+
+    Excluded checks, on purpose: ``positive_data_acceptance`` (a chat line's grammar cannot be
+    said in JSON Schema, so schema-valid bodies are often refused with 400) and
+    ``use_after_free`` (DELETE cancels a job; the cancelled job stays readable).
+    """
+    session.install("-e", ".", "schemathesis>=4")
+    args = session.posargs or ["--max-examples", "200"]
+    session.run(
+        "python",
+        "bench/schemathesis_run.py",
+        "--exclude-checks",
+        "positive_data_acceptance,use_after_free",
+        *args,
+    )
+
+
+@nox.session(default=False)
+def soak(session: nox.Session) -> None:
+    """A bounded soak with random simulator faults (SOAK_SECONDS, default 120); writes
+    bench/soak-results.json and fails if any job is lost."""
+    session.install("-e", ".")
+    session.run("python", "bench/soak.py", *session.posargs)

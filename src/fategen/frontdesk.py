@@ -61,6 +61,14 @@ def clean_nick(raw: str) -> str:
     return nick
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @attrs.define(eq=False)
 class Frontdesk:
     store: JobStore
@@ -80,6 +88,9 @@ class Frontdesk:
             raise Refused(
                 f"the message is too long ({len(message)} characters, at most {MAX_MESSAGE})"
             )
+        if not _is_utf8(message):
+            # JSON may escape a lone UTF-16 surrogate (\\ud800); it cannot be stored or sent on.
+            raise Refused("the message contains an invalid character (a lone surrogate)")
         request = parse_request(message, self.config, rng=self.rng)
         spec = self.config.models[request.model]
         # Fail now, not in the queue, if the model's template cannot take this request.

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -25,7 +25,8 @@ from quart_schema import (
     validate_response,
 )
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from quart_trio.asgi import TrioASGIHTTPConnection
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from fategen.errors import PromptError, WorkflowError
 from fategen.frontdesk import Frontdesk, Refused
@@ -51,6 +52,31 @@ log = logging.getLogger("fategen.http")
 
 MAX_BODY = 64 * 1024
 OPEN_PATHS = ("/health", "/docs", "/redoc", "/openapi.json")
+#: How long the last write of a response (and hypercorn's close after it) may take.
+_FINAL_SEND_SECONDS = 10.0
+
+
+class ClosingHTTPConnection(TrioASGIHTTPConnection):
+    """quart-trio's HTTP connection, with the last send of each response shielded.
+
+    Works around hypercorn issue #106 (pgjones/hypercorn): with ``Connection: close`` or
+    HTTP/1.0, hypercorn closes the socket from inside the app's final ``send``, after passing
+    ``http.disconnect`` to the app; quart-trio then cancels its request nursery, and that
+    cancellation interrupts hypercorn's ``send_eof`` before ``aclose``, so the socket stays
+    open until the read timeout. Shielding the final send lets the close finish. It lives in
+    the app (`create_app` installs it), so it holds under ``fategen serve`` and under plain
+    ``hypercorn --worker-class trio`` alike.
+    """
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        async def send_last_shielded(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.move_on_after(_FINAL_SEND_SECONDS, shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await super().__call__(receive, send_last_shielded)
 
 
 @attrs.frozen
@@ -73,16 +99,43 @@ def _error(message: str, status: int, **headers: str) -> Response:
     return response
 
 
+def _provider(keys_required: bool) -> type[CompleteOpenAPIProvider]:
+    """The OpenAPI provider, completed with what quart-schema cannot say from the routes: the
+    WebP body of ``/job/{id}/image`` and, when API keys are configured, the bearer scheme."""
+
+    class Provider(CompleteOpenAPIProvider):
+        def schema(self) -> dict[str, Any]:
+            document: dict[str, Any] = super().schema()
+            paths = document.get("paths", {})
+            image = paths.get("/job/{job_id}/image", {}).get("get")
+            if image is not None:
+                image.setdefault("responses", {})[200] = {
+                    "description": "The finished image",
+                    "content": {"image/webp": {"schema": {"type": "string", "format": "binary"}}},
+                }
+            if keys_required:
+                schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
+                schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+                document["security"] = [{"bearer": []}]
+                for path in OPEN_PATHS:
+                    for operation in paths.get(path, {}).values():
+                        operation["security"] = []
+            return document
+
+    return Provider
+
+
 def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTrio:
     """The quart-trio app; ``desk`` is all it knows of the service."""
     app = QuartTrio("fategen")
+    app.asgi_http_class = ClosingHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["JSON_SORT_KEYS"] = False
     QuartSchema(
         app,
         swagger_ui_path="/docs",
         redoc_ui_path="/redoc",
-        openapi_provider_class=CompleteOpenAPIProvider,
+        openapi_provider_class=_provider(bool(settings.api_keys | settings.admin_keys)),
         info={
             "title": "fategen",
             "version": "0.1.0",
@@ -192,6 +245,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     @app.delete("/job/<job_id>")
     @validate_querystring(CancelQuery)
     @validate_response(JobResponse, 200)
+    @validate_response(ErrorResponse, 400)
     @validate_response(ErrorResponse, 403)
     @validate_response(ErrorResponse, 404)
     @validate_response(ErrorResponse, 409)
@@ -219,6 +273,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     @validate_querystring(WaitQuery)
     @validate_response(JobResponse, 200)
     @validate_response(JobResponse, 202)
+    @validate_response(ErrorResponse, 400)
     @validate_response(ErrorResponse, 404)
     async def wait_job(job_id: str, query_args: WaitQuery) -> Response | tuple[JobResponse, int]:
         """Long-poll: answers 200 once the job has finished, or 202 with its current state when
@@ -308,6 +363,10 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
             detail = "expected a JSON object"
         return _error(f"the request is malformed: {detail}", 400)
 
+    @app.errorhandler(UnicodeDecodeError)
+    async def not_utf8(exc: UnicodeDecodeError) -> Response:
+        return _error("the request body is not valid UTF-8", 400)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         messages = {
@@ -316,11 +375,15 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
             413: f"the request body is too large (at most {MAX_BODY} bytes)",
         }
         status = exc.code or 500
-        return _error(messages.get(status, exc.description or exc.name), status)
+        extra = {}
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            extra["Allow"] = ", ".join(exc.valid_methods)  # RFC 9110 wants it on a 405
+        return _error(messages.get(status, exc.description or exc.name), status, **extra)
 
     @app.errorhandler(Exception)
     async def crashed(exc: Exception) -> Response:
-        log.exception("unexpected error answering %s %s", request.method, request.path)
+        # %r: a path with an encoded line break must not forge a log line.
+        log.exception("unexpected error answering %s %r", request.method, request.path)
         return _error("the service failed to answer this request; it has been logged", 500)
 
     return app
@@ -333,18 +396,26 @@ async def serve_http(
     shutdown_trigger: Callable[[], Awaitable[None]],
     *,
     graceful_timeout: float = 5.0,
+    read_timeout: float = 30.0,
+    keep_alive_timeout: float = 75.0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with hypercorn's trio worker until ``shutdown_trigger`` returns.
 
     Reports the bound URLs (so port 0 works) through ``task_status``.
+
+    Args:
+        read_timeout: a connection that sends nothing for this long (say, a client sending
+            its headers very slowly) is closed. hypercorn applies it to each read, not to the
+            whole request head, so it bounds idle silence, not total header time.
+        keep_alive_timeout: an idle keep-alive connection is closed after this long.
     """
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.graceful_timeout = graceful_timeout
-    config.keep_alive_timeout = 75
-    config.read_timeout = 30
+    config.keep_alive_timeout = keep_alive_timeout
+    config.read_timeout = read_timeout  # type: ignore[assignment]  # typed int, any float works
     config.h11_max_incomplete_size = 16 * 1024
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
