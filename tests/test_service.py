@@ -116,7 +116,7 @@ async def test_malformed_json_and_unknown_routes(stack: Stack) -> None:
     r = await stack.client.post(
         "/request", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert r.status_code == 400 and "error" in r.json()
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     r = await stack.client.get("/nope")
     assert r.status_code == 404 and "error" in r.json()
     r = await stack.client.post(

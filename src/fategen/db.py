@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, str] = {
     # version -> SQL that brings a database at version-1 up to it.
@@ -38,6 +38,10 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX jobs_status ON jobs (status, seq);
     CREATE UNIQUE INDEX jobs_idempotency ON jobs (nick, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
+    """,
+    # Small facts that outlive a restart (the ComfyUI client id).
+    2: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
 }
 
@@ -113,6 +117,17 @@ class JobDB:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def load_all(self) -> list[Job]:
         from fategen.jobs import Job, converter

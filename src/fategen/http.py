@@ -374,6 +374,11 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
             405: "this endpoint does not take that method (see /docs)",
             413: f"the request body is too large (at most {MAX_BODY} bytes)",
         }
+        if exc.code == 400 and request.method in ("POST", "PUT", "PATCH"):
+            # Quart's sentence is meant for browsers; a bot author needs to know what to send.
+            messages[400] = (
+                'the request body is not valid JSON; send {"message": "...", "nick": "..."}'
+            )
         status = exc.code or 500
         extra = {}
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:

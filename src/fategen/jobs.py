@@ -54,6 +54,9 @@ class Job:
     error: str | None = None
     #: How many times the job was started (a crash mid-job makes it run again once).
     attempts: int = 0
+    #: When its prompt was last posted to ComfyUI (written before the post): after a restart,
+    #: such a job may already be in ComfyUI's queue, so it goes first.
+    submitted: float | None = None
     cancelled_by: str | None = None
     idempotency_key: str | None = None
     #: How many times the scheduler passed this job over for model affinity.

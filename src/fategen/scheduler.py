@@ -8,6 +8,8 @@ fair turn). Submissions and cancels of queued jobs go through the store and `wak
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable
 from typing import NoReturn, cast
 
 import attrs
@@ -26,6 +28,9 @@ class Scheduler:
     requests: trio.MemoryReceiveChannel[trio.MemorySendChannel[Job]]
     #: Jobs handed to the worker that have not started on ComfyUI's side yet.
     _dispatched: set[str] = attrs.field(factory=set, init=False)
+    #: After a restart: jobs that were posted to ComfyUI before it, in posting order. They may
+    #: still be in ComfyUI's queue, so they are handed out first.
+    _pinned: list[Job] = attrs.field(factory=list, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _paused: bool = attrs.field(default=False, init=False)
 
@@ -33,10 +38,33 @@ class Scheduler:
         self.store.order_queued = self._order
 
     def _order(self, jobs: list[Job]) -> list[Job]:
-        waiting = [j for j in jobs if j.id not in self._dispatched]
         ahead = sorted((j for j in jobs if j.id in self._dispatched), key=lambda j: j.seq)
+        pinned_ids = {j.id for j in self._pinned}
+        pinned = [j for j in self._pinned if j.status is JobStatus.QUEUED]
+        waiting = [j for j in jobs if j.id not in self._dispatched and j.id not in pinned_ids]
         ordered = cast(list[Job], self.policy.order(waiting, trio.current_time()))
-        return ahead + ordered
+        return ahead + [j for j in pinned if j.id not in self._dispatched] + ordered
+
+    def restore(self, jobs: Iterable[Job]) -> None:
+        """After a restart, take up the order where it was: replay who was served last into
+        the policy (turns and loaded checkpoint), and pin the jobs already posted to ComfyUI
+        first, in posting order."""
+        served: dict[str, tuple[float, Job]] = {}
+        pinned: list[tuple[float, Job]] = []
+        for job in jobs:
+            when = job.submitted if job.submitted is not None else job.started
+            if when is None:
+                continue
+            if job.status is JobStatus.QUEUED:
+                pinned.append((when, job))
+            elif when >= served.get(job.nick, (-1.0, job))[0]:
+                served[job.nick] = (when, job)
+        now = trio.current_time()
+        history = sorted(served.values(), key=lambda t: t[0]) + sorted(pinned, key=lambda t: t[0])
+        for _, job in history:
+            self.policy.pick([job], now)
+        self.policy.swaps = 0
+        self._pinned = [job for _, job in sorted(pinned, key=lambda t: t[0])]
 
     def wake(self) -> None:
         """Something was queued (or requeued)."""
@@ -56,6 +84,11 @@ class Scheduler:
 
     async def _next(self) -> Job:
         while True:
+            if not self._paused:
+                while self._pinned:
+                    pinned = self._pinned.pop(0)
+                    if pinned.status is JobStatus.QUEUED and pinned.id not in self._dispatched:
+                        return pinned  # already counted by the policy in `restore`
             waiting = [j for j in self.store.queued() if j.id not in self._dispatched]
             if waiting and not self._paused:
                 job = self.policy.pick(waiting, trio.current_time())
@@ -87,5 +120,6 @@ def requeue_interrupted(job: Job) -> dict[str, object]:
         return {
             "status": JobStatus.FAILED,
             "error": "the job was interrupted twice (fategen restarted while it ran); giving up",
+            "finished": time.time(),
         }
     return {"status": JobStatus.QUEUED, "started": None}

@@ -30,6 +30,7 @@ from fategen.jobs import Job, JobStatus, JobStore
 from fategen.modelconfig import ModelConfig, load_model_config
 from fategen.policy import FairPolicy
 from fategen.postprocess import PostProcessor
+from fategen.retention import Pruner
 from fategen.scheduler import Scheduler, requeue_interrupted
 from fategen.settings import Settings
 from fategen.watchdog import IdleWatchdog
@@ -104,14 +105,24 @@ class Service:
         """
         try:
             async with self.http, trio.open_nursery() as nursery:
-                await self._recover()
+                abandoned = await self._recover()
                 await nursery.start(self.session.run)
+                if abandoned:
+                    nursery.start_soon(self._abandon, abandoned)
                 await nursery.start(self.watchdog.run)
                 if self.store.active:
                     self.watchdog.notify_busy()
                 await nursery.start(self.post.run)
                 await nursery.start(self.scheduler.run)
                 await nursery.start(self.worker.run)
+                if self.settings.retention_hours > 0:
+                    pruner = Pruner(
+                        self.store,
+                        self.settings.output_dir,
+                        max_age=self.settings.retention_hours * 3600,
+                        every=self.settings.prune_interval,
+                    )
+                    await nursery.start(pruner.run)
                 nursery.start_soon(self._check_setup)
                 task_status.started()
                 await shutdown.wait()
@@ -122,7 +133,9 @@ class Service:
             self.stopped.set()
         log.info("fategen stopped")
 
-    async def _recover(self) -> None:
+    async def _recover(self) -> list[str]:
+        """Load the jobs; requeue those interrupted once, fail the others (their ids)."""
+        abandoned = []
         for job in await self.store.load():
             changes = requeue_interrupted(job)
             log.warning(
@@ -131,7 +144,27 @@ class Service:
                 "running it again" if changes["status"] is JobStatus.QUEUED else "failed",
             )
             await self.store.update(job, **changes)
+            if job.status is JobStatus.FAILED:
+                abandoned.append(job.id)
         self.store.recovered = {j.id for j in self.store.queued()}
+        self.scheduler.restore(self.store.all_jobs())
+        # The same WebSocket client id as before a restart: ComfyUI sends the events of the
+        # prompts posted before it to that id, so they can be followed to their end.
+        client_id = await self.db.run(self.db.get_meta, "comfyui_client_id")
+        if client_id is None:
+            client_id = self.session.client_id
+            await self.db.run(self.db.set_meta, "comfyui_client_id", client_id)
+        self.session.client_id = client_id
+        return abandoned
+
+    async def _abandon(self, job_ids: list[str]) -> None:
+        """Stop jobs given up after a restart on ComfyUI too (they may still run there)."""
+        for job_id in job_ids:
+            with trio.move_on_after(10):
+                try:
+                    await self.session.cancel(job_id)
+                except FategenError as exc:
+                    log.warning("could not stop abandoned job %s on ComfyUI: %s", job_id, exc)
 
     async def _check_setup(self) -> None:
         """Once ComfyUI is reachable, warn about node types and checkpoints it lacks."""
@@ -183,7 +216,9 @@ def build_service(settings: Settings) -> Service:
     db = JobDB(settings.data_dir / "jobs.sqlite3")
     store = JobStore(db)
     policy = FairPolicy(
-        checkpoint_of=lambda m: config.models[m].checkpoint_name if m in config.models else m
+        max_passes=settings.affinity_max_passes,
+        max_delay=settings.affinity_max_delay,
+        checkpoint_of=lambda m: config.models[m].checkpoint_name if m in config.models else m,
     )
     requests_tx, requests_rx = trio.open_memory_channel[trio.MemorySendChannel[Job]](0)
     results_tx, results_rx = trio.open_memory_channel[tuple[Job, list[ImageRef]]](4)

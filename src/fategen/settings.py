@@ -56,6 +56,19 @@ def _seconds(name: str, *, allow_zero: bool = False) -> Callable[[Any], float]:
     return convert
 
 
+def _hours(name: str) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise _bad(name, str(value), "expected a number of hours") from None
+        if not math.isfinite(number) or number < 0:
+            raise _bad(name, str(value), "expected a number of hours, zero or more")
+        return number
+
+    return convert
+
+
 def _path(name: str, *, optional: bool = False) -> Callable[[Any], Path | None]:
     def convert(value: Any) -> Path | None:
         if isinstance(value, Path):
@@ -161,6 +174,20 @@ class Settings:
         "FATEGEN_MAX_QUEUE_PER_USER", 10, _integer("FATEGEN_MAX_QUEUE_PER_USER", low=1)
     )
     max_queue: int = _v("FATEGEN_MAX_QUEUE", 500, _integer("FATEGEN_MAX_QUEUE", low=1))
+    #: Model affinity: how many times a job may be passed over for one on the loaded model.
+    affinity_max_passes: int = _v(
+        "FATEGEN_AFFINITY_MAX_PASSES", 3, _integer("FATEGEN_AFFINITY_MAX_PASSES", low=0)
+    )
+    #: Model affinity: seconds a job may wait once first passed over.
+    affinity_max_delay: float = _v(
+        "FATEGEN_AFFINITY_MAX_DELAY",
+        120,
+        _seconds("FATEGEN_AFFINITY_MAX_DELAY", allow_zero=True),
+    )
+    #: Finished jobs and their images are deleted after this many hours; 0 keeps them forever.
+    retention_hours: float = _v("FATEGEN_RETENTION_HOURS", 168, _hours("FATEGEN_RETENTION_HOURS"))
+    #: Seconds between two prunings of old jobs.
+    prune_interval: float = _v("FATEGEN_PRUNE_INTERVAL", 600, _seconds("FATEGEN_PRUNE_INTERVAL"))
     #: Bearer tokens, comma-separated; empty = no authentication.
     api_keys: frozenset[str] = _v("FATEGEN_API_KEYS", "", _keys("FATEGEN_API_KEYS"))
     admin_keys: frozenset[str] = _v("FATEGEN_ADMIN_KEYS", "", _keys("FATEGEN_ADMIN_KEYS"))

@@ -81,9 +81,15 @@ class ComfyWorker:
             log.warning("could not cancel job %s on ComfyUI: %s", job.id, exc)
         if scope is not None:
             scope.cancel()
+        elif self._ahead is job:
+            # Posted ahead and out of ComfyUI's queue now: end it without waiting for the
+            # running job (the follower skips it when it comes up).
+            await self._finish_cancelled(job)
 
     async def _finish_cancelled(self, job: Job) -> None:
         by = self._cancels.pop(job.id, "unknown")
+        if job.status.finished:
+            return
         await self.store.update(
             job, status=JobStatus.CANCELLED, cancelled_by=by, finished=time.time()
         )
@@ -142,13 +148,20 @@ class ComfyWorker:
         if maybe_known and await self._known_to_comfy(job):
             log.info("job %s is already known to ComfyUI; following it", job.id)
             return True
+        # On disk before the post: after a crash, the job is looked up in ComfyUI (and goes first).
+        await self.store.update(job, submitted=time.time())
         try:
             await self.session.submit(workflow, prompt_id=job.id)
         except FategenError as exc:
             await self._fail(job, str(exc))
             return False
-        if job.id in self._cancels:
-            await self.session.cancel(job.id)
+        if job.id in self._cancels:  # cancelled while it was being posted
+            try:
+                await self.session.cancel(job.id)
+            except FategenError as exc:
+                log.warning("could not cancel job %s on ComfyUI: %s", job.id, exc)
+            await self._finish_cancelled(job)
+            return False
         return True
 
     async def _known_to_comfy(self, job: Job) -> bool:
@@ -168,6 +181,8 @@ class ComfyWorker:
                     self.running.discard(job.id)
 
     async def _follow(self, job: Job) -> None:
+        if job.status.finished:  # cancelled while it waited ahead
+            return
         if job.id in self._cancels:
             await self._finish_cancelled(job)
             return
@@ -202,7 +217,9 @@ class ComfyWorker:
                     pass
                 elif attempts < MAX_ATTEMPTS:
                     log.warning("job %s lost by ComfyUI (%s); queued to run again", job.id, exc)
-                    await self.store.update(job, status=JobStatus.QUEUED, started=None)
+                    await self.store.update(
+                        job, status=JobStatus.QUEUED, started=None, submitted=None
+                    )
                     self.scheduler.wake()
                     return
                 else:

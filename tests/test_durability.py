@@ -1,0 +1,249 @@
+"""Durability: the service process is killed (SIGKILL) and restarted; nothing is lost or doubled.
+
+The simulator runs in the test's nursery and keeps running across fategen's restarts, like a
+real ComfyUI on its own machine: a prompt posted before the kill keeps executing there, and the
+restarted service must find it (prompt id = job id) instead of posting it again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from conftest import ROOT
+from fategen.simulator import Simulator, SimulatorKnobs
+
+JOB = "-m tiny -w 256 -h 256"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """``python -m fategen serve`` in a subprocess, against the in-process simulator."""
+
+    def __init__(self, tmp_path: Path, sim_port: int, **env: str) -> None:
+        self.tmp_path = tmp_path
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+            "FATEGEN_HOST": "127.0.0.1",
+            "FATEGEN_DATA_DIR": str(tmp_path / "data"),
+            "FATEGEN_OUTPUT_DIR": str(tmp_path / "output"),
+            "FATEGEN_MODEL_CONFIG": str(ROOT / "config" / "modelConfiguration.json"),
+            "FATEGEN_WORKFLOWS_DIR": str(ROOT / "workflows"),
+            "FATEGEN_CONNECT_TIMEOUT": "2",
+            "FATEGEN_STALL_TIMEOUT": "10",
+            "COMFYUI_ADDRESS": "127.0.0.1",
+            "COMFYUI_PORT": str(sim_port),
+            "LOG_LEVEL": "DEBUG",
+            **env,
+        }
+        self.proc: trio.Process | None = None
+        self.starts = 0
+        self.url = ""
+
+    async def start(self) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.starts += 1
+        log = (self.tmp_path / f"service-{self.starts}.log").open("wb")
+        try:
+            self.proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "fategen", "serve"],
+                env={**self.env, "FATEGEN_PORT": str(port)},
+                cwd=self.tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()
+        with trio.fail_after(10):
+            async with httpx.AsyncClient(base_url=self.url, timeout=1) as client:
+                while True:
+                    assert self.proc.returncode is None, self.log()
+                    try:
+                        if (await client.get("/health")).status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass
+                    await trio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.kill()
+        with trio.fail_after(5):
+            await self.proc.wait()
+
+    def log(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("service-*.log"))
+        )
+
+
+@asynccontextmanager
+async def open_setup(
+    tmp_path: Path, knobs: SimulatorKnobs, **env: str
+) -> AsyncIterator[tuple[Simulator, ServiceProcess]]:
+    sim = Simulator(knobs)
+    async with trio.open_nursery() as nursery:
+        sim_port = await nursery.start(sim.serve)
+        service = ServiceProcess(tmp_path, sim_port, **env)
+        try:
+            yield sim, service
+        finally:
+            if service.proc is not None and service.proc.returncode is None:
+                await service.kill()
+            nursery.cancel_scope.cancel()
+
+
+async def submit(url: str, message: str, nick: str, **kw: Any) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        r = await client.post("/request", json={"message": message, "nick": nick}, **kw)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def get(url: str, path: str, **params: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+        return await client.get(path, params=params)
+
+
+async def job(url: str, job_id: str) -> dict[str, Any]:
+    r = await get(url, f"/job/{job_id}")
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def wait_done(url: str, job_id: str) -> dict[str, Any]:
+    r = await get(url, f"/wait/{job_id}", timeout=10)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def wait_processing(url: str, job_id: str) -> None:
+    # Another process: polling over HTTP is the only way to watch it.
+    while (await job(url, job_id))["status"] != "processing":  # noqa: ASYNC110
+        await trio.sleep(0.02)
+
+
+def executions(sim: Simulator) -> Counter[str]:
+    return Counter(e.prompt_id for e in sim.executions)
+
+
+async def test_kill_while_processing_and_queued_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    knobs = SimulatorKnobs(step_seconds=0.08, model_load_seconds=0.01)
+    with trio.fail_after(14):
+        async with open_setup(tmp_path, knobs) as (sim, service):
+            await service.start()
+            nicks = ["alice", "alice", "alice", "bob", "bob", "carol"]
+            ids = [
+                (await submit(service.url, f"n{i} {JOB}", n))["job_id"] for i, n in enumerate(nicks)
+            ]
+            await wait_processing(service.url, ids[0])
+            positions = {i: (await job(service.url, i))["queue_position"] for i in ids}
+            predicted = sorted(ids, key=lambda i: positions[i])
+            assert sorted(positions.values()) == list(range(len(ids)))
+
+            await service.kill()
+            # ComfyUI carries on without fategen: the running prompt and the one posted ahead.
+            await sim.wait_idle()
+            assert list(executions(sim)) == predicted[:2]
+
+            await service.start()
+            # Queued jobs kept their places (the two ComfyUI already ran come first).
+            after = {i: (await job(service.url, i))["queue_position"] for i in ids}
+            assert sorted(ids, key=lambda i: after[i] if after[i] is not None else -1) == predicted
+            done = [await wait_done(service.url, i) for i in ids]
+
+    assert [d["status"] for d in done] == ["completed"] * len(ids), done
+    assert executions(sim) == Counter(ids), "every job ran exactly once"
+    assert [e.prompt_id for e in sim.executions] == predicted
+    for i in ids:
+        assert (tmp_path / "output" / f"{i}.webp").is_file()
+
+
+async def test_kill_right_after_post_and_finished_jobs_survive(tmp_path: Path) -> None:
+    knobs = SimulatorKnobs(step_seconds=0.01, model_load_seconds=0.01)
+    with trio.fail_after(14):
+        async with open_setup(tmp_path, knobs) as (sim, service):
+            await service.start()
+            ok = await submit(service.url, f"fine {JOB}", "dora")
+            ok_done = await wait_done(service.url, ok["job_id"])
+            sim.knobs.execution_error = 1  # the next job to start fails on ComfyUI
+            bad = await submit(service.url, f"broken {JOB} -s 5", "dora")
+            bad_done = await wait_done(service.url, bad["job_id"])
+            assert (ok_done["status"], bad_done["status"]) == ("completed", "failed")
+
+            # The answer to POST /request means the job is on disk: kill at once.
+            key = {"Idempotency-Key": "retry-7"}
+            fresh = await submit(service.url, f"fresh {JOB}", "dora", headers=key)
+            await service.kill()
+
+            await service.start()
+            again = await submit(service.url, f"fresh {JOB}", "dora", headers=key)
+            assert again["job_id"] == fresh["job_id"]
+            fresh_done = await wait_done(service.url, fresh["job_id"])
+            assert fresh_done["status"] == "completed"
+            # Finished jobs answer as before, at once.
+            for before in (ok_done, bad_done):
+                now = await wait_done(service.url, before["job_id"])
+                # The same answer, but for the port (a new one after the restart).
+                assert now | {"image_url": None} == before | {"image_url": None}
+            assert bad_done["error"]
+            r = await get(service.url, f"/job/{ok['job_id']}/image")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
+
+    counts = executions(sim)
+    assert counts[fresh["job_id"]] == 1 and counts[ok["job_id"]] == 1
+
+
+async def test_a_second_kill_during_the_same_job_fails_it_and_stops_it(tmp_path: Path) -> None:
+    # The job hangs on ComfyUI, so it is still running at each kill.
+    knobs = SimulatorKnobs(step_seconds=0.01, model_load_seconds=0.01, hang=1)
+    with trio.fail_after(14):
+        async with open_setup(tmp_path, knobs) as (sim, service):
+            await service.start()
+            stuck = (await submit(service.url, f"stuck {JOB}", "eve"))["job_id"]
+            after = (await submit(service.url, f"after {JOB}", "eve"))["job_id"]
+            await wait_processing(service.url, stuck)
+            await service.kill()
+            with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as raw:
+                (status,) = raw.execute("SELECT status FROM jobs WHERE id = ?", (stuck,)).fetchone()
+            assert status == "processing"
+
+            await service.start()  # runs it again once: it is still running on ComfyUI
+            await wait_processing(service.url, stuck)
+            assert (await job(service.url, stuck))["status"] == "processing"
+            await service.kill()
+
+            await service.start()
+            failed = await wait_done(service.url, stuck)
+            assert failed["status"] == "failed"
+            assert "interrupted twice" in failed["error"]
+            # ComfyUI was told to stop it, and the next job ran.
+            assert (await wait_done(service.url, after))["status"] == "completed"
+
+    assert [(e.prompt_id, e.status) for e in sim.executions] == [
+        (stuck, "interrupted"),
+        (after, "success"),
+    ]
