@@ -197,5 +197,7 @@ async def test_cancel_queued_posted_ahead_and_executing(tmp_path: Path) -> None:
             assert sorted(w["job_id"] for w in woken) == sorted([queued, ahead, running])
             assert {w["status"] for w in woken} == {"cancelled"}
             assert (await stack.wait(last))["status"] == "completed"
+            # Nothing of the cancelled prompts stays tracked in the ComfyUI session.
+            assert stack.running.session.statistics().tracked_prompts == 0
     ran = [(e.prompt_id, e.status) for e in stack.sim.executions]
     assert ran == [(running, "interrupted"), (last, "success")]

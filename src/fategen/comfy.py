@@ -505,6 +505,12 @@ class ComfySession:
         await self.rest.delete_from_queue([prompt_id])
         await self.rest.interrupt(prompt_id)
 
+    def forget(self, prompt_id: str) -> None:
+        """Stop tracking a prompt nobody will follow (cancelled before it was followed)."""
+        tracker = self._trackers.get(prompt_id)
+        if tracker is not None:
+            self._forget(tracker)
+
     async def _stop_quietly(self, prompt_id: str) -> None:
         try:
             await self.rest.delete_from_queue([prompt_id])

@@ -41,6 +41,7 @@ class Session(Protocol):
     ) -> list[ImageRef]: ...
     async def cancel(self, prompt_id: str) -> None: ...
     async def lookup(self, prompt_id: str) -> str: ...
+    def forget(self, prompt_id: str) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -88,6 +89,7 @@ class ComfyWorker:
 
     async def _finish_cancelled(self, job: Job) -> None:
         by = self._cancels.pop(job.id, "unknown")
+        self.session.forget(job.id)  # a prompt cancelled before it was followed
         if job.status.finished:
             return
         await self.store.update(
