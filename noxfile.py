@@ -66,3 +66,14 @@ def soak(session: nox.Session) -> None:
     bench/soak-results.json and fails if any job is lost."""
     session.install("-e", ".")
     session.run("python", "bench/soak.py", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """The benchmark suite against the ComfyUI simulator (3-5 minutes on 2 cores): prints a
+    table and writes bench/results.json. ``-- --only throughput`` runs one scenario;
+    ``-- --profile DIR`` also samples the service with py-spy (installed here)."""
+    session.install("-e", ".")
+    if "--profile" in session.posargs:
+        session.install("py-spy")
+    session.run("python", "bench/run.py", *session.posargs)

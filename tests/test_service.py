@@ -281,3 +281,14 @@ async def test_startup_check_warns_about_missing_checkpoints(tmp_path: Path) -> 
         assert len(service.setup_warnings) == 1
         assert "lumina2" in service.setup_warnings[0]
         assert "lumina_2.safetensors" in service.setup_warnings[0]
+
+
+async def test_wait_longer_than_the_read_timeout_still_answers(tmp_path: Path) -> None:
+    # hypercorn's read timeout also runs while a /wait is parked; the service raises it to
+    # outlast FATEGEN_WAIT_TIMEOUT_MAX, so a long poll is answered, not disconnected.
+    env = {"FATEGEN_READ_TIMEOUT": "1", "FATEGEN_WAIT_TIMEOUT_MAX": "3"}
+    async with open_stack(tmp_path, SimulatorKnobs(step_seconds=1.0), **env) as stack:
+        sub = await stack.submit("slow -m tiny -w 256 -h 256", "olga")
+        with trio.fail_after(10):
+            r = await stack.client.get(f"/wait/{sub['job_id']}", params={"timeout": 2.5})
+        assert r.status_code == 202

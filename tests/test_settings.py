@@ -71,6 +71,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, Any]] = [
     ("FATEGEN_WAIT_TIMEOUT", "45", "wait_timeout_default", 45.0),
     ("FATEGEN_WAIT_TIMEOUT_MAX", "1e3", "wait_timeout_max", 1000.0),
     ("FATEGEN_CONNECT_TIMEOUT", "2.5", "connect_timeout", 2.5),
+    ("FATEGEN_READ_TIMEOUT", "12", "read_timeout", 12.0),
     ("FATEGEN_STALL_TIMEOUT", "60", "stall_timeout", 60.0),
     ("FATEGEN_JOB_TIMEOUT", "1800", "job_timeout", 1800.0),
     ("FATEGEN_SHUTDOWN_GRACE", "0", "shutdown_grace", 0.0),

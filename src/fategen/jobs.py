@@ -25,6 +25,11 @@ from fategen.prompt import GenerationRequest
 log = logging.getLogger("fategen.jobs")
 
 
+#: The longest queue positions are reused without a change (the policy's order also moves with
+#: time: a job passed over for too long may no longer be passed over).
+POSITIONS_MAX_AGE = 0.5
+
+
 class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     PROCESSING = "processing"
@@ -114,6 +119,11 @@ class JobStore:
         self.on_activity: Callable[[int], None] = lambda active: None
         self._active = 0
         self._any_change = trio.Event()
+        #: Bumped on every change of a job's state; keys the cached queue positions.
+        self._version = 0
+        self._positions_cache: dict[str, int] = {}
+        self._positions_key = -1
+        self._positions_at = 0.0
         #: Serializes `update`: each write starts from the state the previous one left.
         self._write_lock = trio.Lock()
         #: Jobs loaded from disk that may already be known to ComfyUI (looked up before submit).
@@ -174,10 +184,16 @@ class JobStore:
             return 0
         if job.status is not JobStatus.QUEUED:
             return None
-        for index, other in enumerate(self.queued(), start=1):
-            if other.id == job.id:
-                return index
-        return None
+        return self._positions().get(job.id)
+
+    def _positions(self) -> dict[str, int]:
+        """Queue positions by job id, computed once per change (not once per reader: each
+        computation orders the whole queue), and at most `POSITIONS_MAX_AGE` seconds old."""
+        now = time.monotonic()
+        if self._positions_key != self._version or now - self._positions_at >= POSITIONS_MAX_AGE:
+            self._positions_cache = {j.id: i for i, j in enumerate(self.queued(), start=1)}
+            self._positions_key, self._positions_at = self._version, now
+        return self._positions_cache
 
     def count_queued(self, nick: str | None = None) -> int:
         return sum(
@@ -248,11 +264,13 @@ class JobStore:
             if job.idempotency_key:
                 self._idempotency.pop((job.nick, job.idempotency_key), None)
             self._wake(job.id)
+        self._version += 1
         self._note_activity()
         self._any_change.set()
         self._any_change = trio.Event()
 
     def _changed_now(self, job: Job) -> None:
+        self._version += 1
         self._wake(job.id)
         self._note_activity()
         self._any_change.set()

@@ -16,6 +16,7 @@ first passed over. Nothing starves.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -59,11 +60,16 @@ class FairPolicy:
     @staticmethod
     def _turns(users: list[str], by_user: dict[str, list[Queued]]) -> Iterator[Queued]:
         """The fair order, lazily: one job per user per turn."""
+        # Element by element: a pick usually needs only the head, not a whole turn's row.
         for turn in itertools.count():
-            row = [by_user[u][turn] for u in users if turn < len(by_user[u])]
-            if not row:
+            found = False
+            for user in users:
+                queue = by_user[user]
+                if turn < len(queue):
+                    found = True
+                    yield queue[turn]
+            if not found:
                 return
-            yield from row
 
     def fair_order(self, jobs: Sequence[Queued]) -> list[Queued]:
         """The order without model affinity."""
@@ -117,9 +123,12 @@ class FairPolicy:
         users, by_user = self._queues(jobs)
         passed = dict(self._passed)
         loaded = self.loaded_checkpoint
+        # Queued jobs per checkpoint: with none for the loaded one, the fair head runs (no scan).
+        remaining = collections.Counter(self._checkpoint_of(job.model) for job in jobs)
         result: list[Queued] = []
         while users:
-            job, skipped = self._choose(self._turns(users, by_user), loaded, passed, now)
+            prefer = loaded if loaded is not None and remaining[loaded] else None
+            job, skipped = self._choose(self._turns(users, by_user), prefer, passed, now)
             self._pass_over(skipped, passed, now)
             passed.pop(job.id, None)
             by_user[job.nick].remove(job)
@@ -127,6 +136,7 @@ class FairPolicy:
             if by_user[job.nick]:
                 users.append(job.nick)
             loaded = self._checkpoint_of(job.model)
+            remaining[loaded] -= 1
             result.append(job)
         return result
 
@@ -138,9 +148,10 @@ class FairPolicy:
         """
         if not jobs:
             raise ValueError("no queued job to pick")
-        job, skipped = self._choose(
-            self._turns(*self._queues(jobs)), self.loaded_checkpoint, self._passed, now
-        )
+        loaded = self.loaded_checkpoint
+        if not any(self._checkpoint_of(j.model) == loaded for j in jobs):
+            loaded = None  # nothing to prefer: skip the scan, the fair head runs
+        job, skipped = self._choose(self._turns(*self._queues(jobs)), loaded, self._passed, now)
         self._pass_over(skipped, self._passed, now)
         self._passed.pop(job.id, None)
         self._last_served[job.nick] = next(self._tick)

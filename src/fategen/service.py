@@ -266,6 +266,12 @@ def build_service(settings: Settings) -> Service:
     )
 
 
+def http_read_timeout(settings: Settings) -> float:
+    """hypercorn's read timeout also runs while a request is answered (a parked /wait sends
+    and receives nothing), so it must outlast the longest /wait, or the socket is dropped."""
+    return max(settings.read_timeout, settings.wait_timeout_max + 5)
+
+
 async def run_service(
     settings: Settings,
     shutdown: trio.Event,
@@ -279,7 +285,12 @@ async def run_service(
         await nursery.start(service.run_actors, shutdown)
         urls = await nursery.start(
             functools.partial(
-                serve_http, service.app, settings.http_host, settings.http_port, stop_http.wait
+                serve_http,
+                service.app,
+                settings.http_host,
+                settings.http_port,
+                stop_http.wait,
+                read_timeout=http_read_timeout(settings),
             )
         )
         log.info("fategen listening on %s, ComfyUI at %s", ", ".join(urls), settings.comfyui_url)

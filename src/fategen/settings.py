@@ -161,6 +161,9 @@ class Settings:
     wait_timeout_max: float = _v(
         "FATEGEN_WAIT_TIMEOUT_MAX", 300, _seconds("FATEGEN_WAIT_TIMEOUT_MAX")
     )
+    #: A client that sends nothing for this long is dropped (slow-header clients); raised to
+    #: the longest /wait plus a margin, since hypercorn applies it while a request is answered.
+    read_timeout: float = _v("FATEGEN_READ_TIMEOUT", 30, _seconds("FATEGEN_READ_TIMEOUT"))
     connect_timeout: float = _v("FATEGEN_CONNECT_TIMEOUT", 10, _seconds("FATEGEN_CONNECT_TIMEOUT"))
     #: A job with no progress event for this long is interrupted and failed.
     stall_timeout: float = _v("FATEGEN_STALL_TIMEOUT", 120, _seconds("FATEGEN_STALL_TIMEOUT"))
