@@ -22,7 +22,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff (with flake8-async's rules) over the source and the tests."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", "src", "tests", "bench", "noxfile.py", *session.posargs)
 
 
 @nox.session(default=False)
