@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,16 @@ from fategen.simulator import Simulator, SimulatorKnobs
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_settings(tmp_path: Path, **env: str) -> Settings:
+def free_port() -> int:
+    """A port nothing listens on right now (for servers started later, or in a subprocess)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def service_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The service's environment for a test: files in ``tmp_path``, the repo's configuration."""
     base = {
         "FATEGEN_HOST": "127.0.0.1",
         "FATEGEN_PORT": "0",
@@ -33,7 +43,11 @@ def make_settings(tmp_path: Path, **env: str) -> Settings:
         "FATEGEN_CONNECT_TIMEOUT": "2",
     }
     base.update(env)
-    return Settings.from_env(base)
+    return base
+
+
+def make_settings(tmp_path: Path, **env: str) -> Settings:
+    return Settings.from_env(service_env(tmp_path, **env))
 
 
 class Stack:

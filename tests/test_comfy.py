@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ import pytest
 import trio
 import trio_websocket
 
+from conftest import free_port
 from fategen.comfy import ComfySession, ImageRef
 from fategen.errors import ComfyError, ComfyUnavailable, ImageError, JobTimeout
 
@@ -193,13 +193,6 @@ async def open_fake(
             await nursery.start(session.run)
             yield fake, session, nursery
         nursery.cancel_scope.cancel()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def new_id() -> str:

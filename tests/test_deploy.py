@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,30 +13,14 @@ from pathlib import Path
 import httpx
 import trio
 
+from conftest import free_port, service_env
 from fategen.simulator import Simulator, SimulatorKnobs
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def service_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FATEGEN_PORT=str(port),
-        FATEGEN_OUTPUT_DIR=str(tmp_path / "output"),
-        FATEGEN_DATA_DIR=str(tmp_path / "data"),
-        FATEGEN_MODEL_CONFIG=str(ROOT / "config" / "modelConfiguration.json"),
-        FATEGEN_WORKFLOWS_DIR=str(ROOT / "workflows"),
-        FATEGEN_SHUTDOWN_GRACE="5",
-        **extra,
-    )
-    return env
+def process_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
+    return {**os.environ, **service_env(tmp_path, FATEGEN_PORT=str(port), **extra)}
 
 
 async def wait_healthy(client: httpx.AsyncClient) -> None:
@@ -91,7 +74,7 @@ async def test_fategen_serve_simulate(tmp_path: Path) -> None:
     port = free_port()
     log = await run_and_stop(
         [sys.executable, "-m", "fategen", "serve", "--simulate"],
-        service_env(tmp_path, port),
+        process_env(tmp_path, port),
         port,
         signal.SIGINT,
     )
@@ -116,7 +99,7 @@ async def test_plain_hypercorn_deployment(tmp_path: Path) -> None:
             "fategen.asgi:create_app()",
         ]
         log = await run_and_stop(
-            argv, service_env(tmp_path, port, COMFYUI_PORT=str(sim_port)), port, signal.SIGTERM
+            argv, process_env(tmp_path, port, COMFYUI_PORT=str(sim_port)), port, signal.SIGTERM
         )
         nursery.cancel_scope.cancel()
     assert "fategen stopped" in log

@@ -8,7 +8,6 @@ restarted service must find it (prompt id = job id) instead of posting it again.
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,17 +20,10 @@ from typing import Any
 import httpx
 import trio
 
-from conftest import ROOT
+from conftest import free_port, service_env
 from fategen.simulator import Simulator, SimulatorKnobs
 
 JOB = "-m tiny -w 256 -h 256"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ServiceProcess:
@@ -42,17 +34,14 @@ class ServiceProcess:
         self.env = {
             "PATH": os.environ.get("PATH", ""),
             "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-            "FATEGEN_HOST": "127.0.0.1",
-            "FATEGEN_DATA_DIR": str(tmp_path / "data"),
-            "FATEGEN_OUTPUT_DIR": str(tmp_path / "output"),
-            "FATEGEN_MODEL_CONFIG": str(ROOT / "config" / "modelConfiguration.json"),
-            "FATEGEN_WORKFLOWS_DIR": str(ROOT / "workflows"),
-            "FATEGEN_CONNECT_TIMEOUT": "2",
-            "FATEGEN_STALL_TIMEOUT": "10",
-            "COMFYUI_ADDRESS": "127.0.0.1",
-            "COMFYUI_PORT": str(sim_port),
-            "LOG_LEVEL": "DEBUG",
-            **env,
+            **service_env(
+                tmp_path,
+                FATEGEN_STALL_TIMEOUT="10",
+                COMFYUI_ADDRESS="127.0.0.1",
+                COMFYUI_PORT=str(sim_port),
+                LOG_LEVEL="DEBUG",
+                **env,
+            ),
         }
         self.proc: trio.Process | None = None
         self.starts = 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,12 @@ import pytest
 import trio
 
 import fategen.grid
-from conftest import Stack, make_settings, open_stack
+from conftest import Stack, free_port, make_settings, open_stack
 from fategen.jobs import JobStatus, JobStore
 from fategen.service import Running, run_service
 from fategen.simulator import Simulator, SimulatorKnobs
 
 TINY = "-m tiny -w 256 -h 256"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 class SimServer:
