@@ -118,6 +118,21 @@ def _raise_child_fd_limit() -> None:  # runs in the child between fork and exec
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+async def stop(process: trio.Process, sig: int = signal.SIGTERM, grace: float = 10) -> None:
+    """Ask ``process`` to stop with ``sig``; kill it if it has not exited within ``grace``.
+
+    Shielded: it runs on the way out of a cancelled scope too.
+    """
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.send_signal(sig)
+            with trio.move_on_after(grace):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 @contextlib.asynccontextmanager
 async def child(
     command: list[str], *, log: Path, cwd: Path, env: dict[str, str] | None = None
@@ -137,14 +152,8 @@ async def child(
     try:
         yield process, LineReader(process.stdout)
     finally:
+        await stop(process)
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(10):
-                    await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
             for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
                     await pipe.aclose()
@@ -259,6 +268,9 @@ async def service(
         "FATEGEN_WORKFLOWS_DIR": str(WORKFLOWS),
         "FATEGEN_SHUTDOWN_GRACE": "2",
         "FATEGEN_WAIT_TIMEOUT_MAX": "600",
+        # A benchmark measures the service, never its queue caps.
+        "FATEGEN_MAX_QUEUE": "1000000",
+        "FATEGEN_MAX_QUEUE_PER_USER": "1000000",
         "LOG_LEVEL": "INFO",
         **env,
     }
@@ -305,13 +317,8 @@ async def py_spy(pid: int, out: Path, workdir: Path) -> AsyncIterator[None]:
         await trio.sleep(0.5)  # py-spy attaches
         yield
     finally:
+        await stop(process, signal.SIGINT)  # py-spy writes its output on SIGINT
         with trio.CancelScope(shield=True):
-            process.send_signal(signal.SIGINT)
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
             await trio.to_thread.run_sync(_write_top, out)
 
 

@@ -25,11 +25,10 @@ async def run(
     duration: float = 5.0,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    caps = {"FATEGEN_MAX_QUEUE": "1000000", "FATEGEN_MAX_QUEUE_PER_USER": "1000000"}
     out = workdir / "frontend.json"
     async with (
         simulator(workdir, step_seconds=0.015, model_load_seconds=0.05) as sim,
-        service(workdir, sim, profile=profile, **caps) as svc,
+        service(workdir, sim, profile=profile) as svc,
     ):
         command = [
             PYTHON,

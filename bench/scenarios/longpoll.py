@@ -29,11 +29,10 @@ async def run(
     pools: int = 10,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    caps = {"FATEGEN_MAX_QUEUE": "1000000", "FATEGEN_MAX_QUEUE_PER_USER": "1000000"}
     ids_file = workdir / f"longpoll-ids-{waiters}.json"
     async with (
         simulator(workdir, step_seconds=0.002, model_load_seconds=0.05, held=True) as sim,
-        service(workdir, sim, profile=profile, **caps) as svc,
+        service(workdir, sim, profile=profile) as svc,
     ):
         async with httpx.AsyncClient(base_url=svc.url) as client:
             ids = []

@@ -28,7 +28,6 @@ async def run(
     lines = workload.mixed_lines(jobs, nicks=nicks)
     graphs = workload.workflows(lines)
     runs: list[dict[str, Any]] = []
-    caps = {"FATEGEN_MAX_QUEUE": "100000", "FATEGEN_MAX_QUEUE_PER_USER": "100000"}
     async with simulator(workdir, step_seconds=step_seconds, model_load_seconds=0.05) as sim:
         for _ in range(repeats):
             await sim.reset()
@@ -37,7 +36,7 @@ async def run(
                 (await sim.dump())["executions"], direct["start"]
             )
             await sim.reset()
-            async with service(workdir, sim, **caps) as svc:
+            async with service(workdir, sim) as svc:
                 cpu_before = svc.cpu_seconds()
                 via = await workload.run_fategen(svc.url, lines)
                 cpu = svc.cpu_seconds() - cpu_before
