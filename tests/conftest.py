@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -105,10 +104,3 @@ async def open_stack(
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with open_stack(tmp_path) as s:
         yield s
-
-
-@pytest.fixture
-def fresh_output(tmp_path: Path) -> Path:
-    out = tmp_path / "output"
-    shutil.rmtree(out, ignore_errors=True)
-    return out

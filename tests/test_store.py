@@ -71,7 +71,7 @@ async def test_add_and_update_persist_and_reload(store: JobStore, path: Path) ->
     await store.update(
         jobs[1], status=JobStatus.CANCELLED, finished=101.0, cancelled_by="op", error="no"
     )
-    await store.update(jobs[2], passed_over=2, idempotency_key="k-3")
+    await store.update(jobs[2], submitted=42.5, idempotency_key="k-3")
 
     db, again, _ = await reopen(path)
     try:
@@ -180,16 +180,16 @@ async def test_concurrent_updates_of_one_job_all_reach_the_disk(
     await store.add(j)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: store.update(j, status=JobStatus.PROCESSING, started=5.0))
-        nursery.start_soon(lambda: store.update(j, passed_over=3))
+        nursery.start_soon(lambda: store.update(j, submitted=3.0))
         nursery.start_soon(lambda: store.update(j, attempts=1))
     db, again, _ = await reopen(path)
     try:
         loaded = again.get(j.id)
         assert loaded == j
         assert loaded is not None
-        assert (loaded.status, loaded.passed_over, loaded.attempts) == (
+        assert (loaded.status, loaded.submitted, loaded.attempts) == (
             JobStatus.PROCESSING,
-            3,
+            3.0,
             1,
         )
     finally:

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import attrs
 import trio
@@ -423,7 +423,3 @@ async def serve_http(
     config.read_timeout = read_timeout  # type: ignore[assignment]  # typed int, any float works
     config.h11_max_incomplete_size = 16 * 1024
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
-
-
-async def never() -> NoReturn:
-    await trio.sleep_forever()

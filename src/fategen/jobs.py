@@ -64,8 +64,6 @@ class Job:
     submitted: float | None = None
     cancelled_by: str | None = None
     idempotency_key: str | None = None
-    #: How many times the scheduler passed this job over for model affinity.
-    passed_over: int = 0
 
     @property
     def model(self) -> str:

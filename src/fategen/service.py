@@ -45,15 +45,27 @@ class Running:
     """What a started service hands back (tests and the CLI use it)."""
 
     urls: list[str]
-    settings: Settings
-    store: JobStore
-    desk: Frontdesk
-    session: ComfySession
     service: Service
 
     @property
     def url(self) -> str:
         return self.urls[0]
+
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings
+
+    @property
+    def store(self) -> JobStore:
+        return self.service.store
+
+    @property
+    def desk(self) -> Frontdesk:
+        return self.service.desk
+
+    @property
+    def session(self) -> ComfySession:
+        return self.service.session
 
 
 def load_configuration(settings: Settings) -> tuple[ModelConfig, dict[str, WorkflowTemplate]]:
@@ -294,9 +306,7 @@ async def run_service(
             )
         )
         log.info("fategen listening on %s, ComfyUI at %s", ", ".join(urls), settings.comfyui_url)
-        task_status.started(
-            Running(urls, settings, service.store, service.desk, service.session, service)
-        )
+        task_status.started(Running(urls, service))
         await shutdown.wait()
         # Answer long-polls first, or they hold hypercorn's graceful shutdown.
         service.begin_stop()
