@@ -173,10 +173,7 @@ class Service:
         """Stop jobs given up after a restart on ComfyUI too (they may still run there)."""
         for job_id in job_ids:
             with trio.move_on_after(10):
-                try:
-                    await self.session.cancel(job_id)
-                except FategenError as exc:
-                    log.warning("could not stop abandoned job %s on ComfyUI: %s", job_id, exc)
+                await self.worker.stop_on_comfy(job_id, "stop abandoned")
 
     async def _check_setup(self) -> None:
         """Once ComfyUI is reachable, warn about node types and checkpoints it lacks."""

@@ -76,16 +76,21 @@ class ComfyWorker:
         """Cancel a dispatched or running job (deleted from ComfyUI's queue or interrupted)."""
         self._cancels[job.id] = by
         scope = self._scopes.get(job.id)
-        try:
-            await self.session.cancel(job.id)
-        except FategenError as exc:
-            log.warning("could not cancel job %s on ComfyUI: %s", job.id, exc)
+        await self.stop_on_comfy(job.id)
         if scope is not None:
             scope.cancel()
         elif self._ahead is job:
             # Posted ahead and out of ComfyUI's queue now: end it without waiting for the
             # running job (the follower skips it when it comes up).
             await self._finish_cancelled(job)
+
+    async def stop_on_comfy(self, job_id: str, what: str = "cancel") -> None:
+        """Take a prompt out of ComfyUI: deleted from its queue, or interrupted if it runs
+        (only that prompt). A ComfyUI that cannot be reached is logged, not raised."""
+        try:
+            await self.session.cancel(job_id)
+        except FategenError as exc:
+            log.warning("could not %s job %s on ComfyUI: %s", what, job_id, exc)
 
     async def _finish_cancelled(self, job: Job) -> None:
         by = self._cancels.pop(job.id, "unknown")
@@ -107,10 +112,7 @@ class ComfyWorker:
         job = self._ahead
         if job is not None:
             with trio.move_on_after(5):
-                try:
-                    await self.session.cancel(job.id)
-                except FategenError as exc:
-                    log.warning("could not withdraw job %s from ComfyUI: %s", job.id, exc)
+                await self.stop_on_comfy(job.id, "withdraw")
 
     # -- submitter ------------------------------------------------------------------------
     async def _next_job(self) -> Job:
@@ -158,10 +160,7 @@ class ComfyWorker:
             await self._fail(job, str(exc))
             return False
         if job.id in self._cancels:  # cancelled while it was being posted
-            try:
-                await self.session.cancel(job.id)
-            except FategenError as exc:
-                log.warning("could not cancel job %s on ComfyUI: %s", job.id, exc)
+            await self.stop_on_comfy(job.id)
             await self._finish_cancelled(job)
             return False
         return True
