@@ -28,6 +28,7 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from fategen import __version__
 from fategen.errors import PromptError, WorkflowError
 from fategen.frontdesk import Frontdesk, Refused
 from fategen.jobs import JobView
@@ -138,7 +139,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
         openapi_provider_class=_provider(bool(settings.api_keys | settings.admin_keys)),
         info={
             "title": "fategen",
-            "version": "0.1.0",
+            "version": __version__,
             "description": "Image-generation jobs for chat bots, run on ComfyUI.",
         },
     )
