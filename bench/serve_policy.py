@@ -11,7 +11,7 @@ from typing import Any
 
 import fategen.service
 from fategen import cli
-from fategen.policy import FairPolicy
+from fategen.core.policy import FairPolicy
 
 
 def main() -> int:

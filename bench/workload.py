@@ -23,9 +23,9 @@ import trio
 import trio_websocket
 from common import MODEL_CONFIG, WORKFLOWS
 
-from fategen.modelconfig import load_model_config
-from fategen.prompt import parse_request
-from fategen.workflow import build_workflow, load_templates
+from fategen.core.modelconfig import load_model_config
+from fategen.core.prompt import parse_request
+from fategen.core.workflow import build_workflow, load_templates
 
 
 @attrs.frozen

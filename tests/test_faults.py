@@ -14,11 +14,11 @@ import httpx
 import pytest
 import trio
 
-import fategen.grid
+import fategen.queue.postprocess
 from conftest import Stack, free_port, make_settings, open_stack
-from fategen.jobs import JobStatus, JobStore
 from fategen.service import Running, run_service
 from fategen.simulator import Simulator, SimulatorKnobs
+from fategen.store.jobs import JobStatus, JobStore
 
 TINY = "-m tiny -w 256 -h 256"
 
@@ -249,7 +249,7 @@ async def test_disk_full_leaves_no_half_written_file(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(fategen.grid.os, "fsync", fsync)
+    monkeypatch.setattr(fategen.queue.postprocess.os, "fsync", fsync)
     with trio.fail_after(30):
         async with open_stack(tmp_path) as stack:
             done = await stack.wait((await stack.submit(f"full {TINY}"))["job_id"])

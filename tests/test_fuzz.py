@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, make_settings
+from fategen.core.modelconfig import load_model_config
+from fategen.core.prompt import MAX_SEED, parse_request, positive_text
+from fategen.core.workflow import build_workflow, load_templates
 from fategen.errors import PromptError, WorkflowError
-from fategen.modelconfig import load_model_config
-from fategen.prompt import MAX_SEED, parse_request, positive_text
 from fategen.service import Running, run_service
-from fategen.workflow import build_workflow, load_templates
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 FUZZ = settings(

@@ -1,9 +1,9 @@
 """Scenario 5: post-processing. Four 1024x1024 images into one 2x2 WebP grid.
 
-Two figures: the grid itself (`fategen.grid.render_result` on four simulator PNGs, in this
-process, median of 5), and the service's overhead per job: from the simulator's execution end
-to the job being ``completed`` in the store (fetch 4 PNGs, decode, grid, WebP, write, save), with
-jobs run one at a time.
+Two figures: the grid itself (`fategen.queue.postprocess.render_result` on four simulator
+PNGs, in this process, median of 5), and the service's overhead per job: from the simulator's
+execution end to the job being ``completed`` in the store (fetch 4 PNGs, decode, grid, WebP,
+write, save), with jobs run one at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import httpx
 import trio
 from common import median, service, simulator
 
-from fategen.grid import render_result
+from fategen.queue.postprocess import render_result
 from fategen.simulator.graph import ImageSpec
 from fategen.simulator.render import render_png
 

@@ -21,21 +21,23 @@ import httpx
 import trio
 from quart_trio import QuartTrio
 
-from fategen.comfy import ComfySession, ImageRef
-from fategen.db import JobDB
+from fategen.api.app import create_app
+from fategen.api.frontdesk import Frontdesk
+from fategen.api.server import serve_http
+from fategen.comfy.session import ComfySession
+from fategen.comfy.watchdog import IdleWatchdog
+from fategen.comfy.wire import ImageRef
+from fategen.core.modelconfig import ModelConfig, load_model_config
+from fategen.core.policy import FairPolicy
+from fategen.core.workflow import WorkflowTemplate, load_templates
 from fategen.errors import ConfigError, FategenError
-from fategen.frontdesk import Frontdesk
-from fategen.http import create_app, serve_http
-from fategen.jobs import Job, JobStatus, JobStore
-from fategen.modelconfig import ModelConfig, load_model_config
-from fategen.policy import FairPolicy
-from fategen.postprocess import PostProcessor
-from fategen.retention import Pruner
-from fategen.scheduler import Scheduler, requeue_interrupted
+from fategen.queue.postprocess import PostProcessor
+from fategen.queue.scheduler import Scheduler, requeue_interrupted
+from fategen.queue.worker import ComfyWorker
 from fategen.settings import Settings
-from fategen.watchdog import IdleWatchdog
-from fategen.worker import ComfyWorker
-from fategen.workflow import WorkflowTemplate, load_templates
+from fategen.store.jobs import Job, JobStatus, JobStore
+from fategen.store.retention import Pruner
+from fategen.store.sqlite import JobDB
 
 log = logging.getLogger("fategen")
 

@@ -9,7 +9,7 @@ import trio
 from quart_trio import QuartTrio
 
 from conftest import Stack
-from fategen.http import ClosingHTTPConnection, serve_http
+from fategen.api.server import ClosingHTTPConnection, serve_http
 
 
 def _port(url: str) -> int:

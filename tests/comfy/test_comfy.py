@@ -21,7 +21,7 @@ import trio
 import trio_websocket
 
 from conftest import free_port
-from fategen.comfy import ComfySession, ImageRef
+from fategen.comfy.session import ComfySession, ImageRef
 from fategen.errors import ComfyError, ComfyUnavailable, ImageError, JobTimeout
 
 PROTOCOL = Path("/work/shared/comfyui-protocol")

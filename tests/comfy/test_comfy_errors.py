@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fategen.comfy_client import (
+from fategen.comfy.wire import (
     INTERRUPTED,
     ComfyRest,
     ExecutionError,

@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from fategen.comfy import ComfySession
+from fategen.comfy.session import ComfySession
+from fategen.comfy.watchdog import IdleWatchdog
 from fategen.errors import ComfyUnavailable
-from fategen.watchdog import IdleWatchdog
 
 Free = tuple[float, bool, bool]  # (time, unload_models, free_memory)
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from fategen.core.modelconfig import Defaults, ModelSpec, load_model_config, parse_model_config
 from fategen.errors import ConfigError
-from fategen.modelconfig import Defaults, ModelSpec, load_model_config, parse_model_config
 
-CONFIG_FILE = Path(__file__).parent.parent / "config" / "modelConfiguration.json"
+CONFIG_FILE = Path(__file__).resolve().parents[2] / "config" / "modelConfiguration.json"
 TEMPLATES = frozenset({"sdxl", "lumina"})
 
 BASE: dict[str, Any] = {

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fategen.policy import FairPolicy, Queued
+from fategen.core.policy import FairPolicy, Queued
 
 
 @attrs.define

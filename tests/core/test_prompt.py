@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fategen.errors import PromptError
-from fategen.modelconfig import ModelConfig, load_model_config, parse_model_config
-from fategen.prompt import (
+from fategen.core.modelconfig import ModelConfig, load_model_config, parse_model_config
+from fategen.core.prompt import (
     FLAGS,
     MAX_SEED,
     GenerationRequest,
@@ -21,8 +20,9 @@ from fategen.prompt import (
     positive_text,
     render_request,
 )
+from fategen.errors import PromptError
 
-CONFIG_FILE = Path(__file__).parent.parent / "config" / "modelConfiguration.json"
+CONFIG_FILE = Path(__file__).resolve().parents[2] / "config" / "modelConfiguration.json"
 
 
 def _model(**overrides: Any) -> dict[str, Any]:

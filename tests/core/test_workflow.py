@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fategen.errors import WorkflowError
-from fategen.modelconfig import ModelSpec
-from fategen.prompt import GenerationRequest, negative_text, positive_text
-from fategen.workflow import (
+from fategen.core.modelconfig import ModelSpec
+from fategen.core.prompt import GenerationRequest, negative_text, positive_text
+from fategen.core.workflow import (
     BINDINGS,
     MAX_SEED,
     WorkflowTemplate,
@@ -21,8 +20,9 @@ from fategen.workflow import (
     load_templates,
     parse_template,
 )
+from fategen.errors import WorkflowError
 
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 LUMINA_SYSTEM = (
     "You are an assistant designed to generate superior images with the superior degree of "
     "image-text alignment based on textual prompts or user prompts. <Prompt Start> "

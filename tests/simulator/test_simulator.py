@@ -14,8 +14,6 @@ import httpx
 import pytest
 import trio
 from PIL import Image
-
-from fategen.simulator import DEFAULT_CHECKPOINTS, Simulator, SimulatorKnobs
 from simulator_fixtures import (
     TINY_CKPT,
     Running,
@@ -24,6 +22,8 @@ from simulator_fixtures import (
     running_simulator,
     txt2img_prompt,
 )
+
+from fategen.simulator import DEFAULT_CHECKPOINTS, Simulator, SimulatorKnobs
 
 
 async def images_of(running: Running, prompt_id: str, node: str = "9") -> list[bytes]:

@@ -16,8 +16,6 @@ import httpx
 import pytest
 import trio
 from PIL import Image
-
-from fategen.simulator import SimulatorKnobs
 from simulator_fixtures import (
     PROTOCOL_DIR,
     TINY_CKPT,
@@ -28,6 +26,8 @@ from simulator_fixtures import (
     recording,
     running_simulator,
 )
+
+from fategen.simulator import SimulatorKnobs
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 

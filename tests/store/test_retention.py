@@ -9,11 +9,11 @@ import pytest
 import trio
 
 from conftest import open_stack
-from fategen.db import JobDB
-from fategen.jobs import Job, JobStatus, JobStore, result_path
-from fategen.prompt import GenerationRequest
-from fategen.retention import Pruner, prune
+from fategen.core.prompt import GenerationRequest
 from fategen.simulator import SimulatorKnobs
+from fategen.store.jobs import Job, JobStatus, JobStore, result_path
+from fategen.store.retention import Pruner, prune
+from fategen.store.sqlite import JobDB
 
 HOUR = 3600.0
 NOW = 1_800_000_000.0  # a fake "now" (wall clock)

@@ -11,11 +11,11 @@ import pytest
 import trio
 import trio.testing
 
-from fategen import db as dbmod
-from fategen.db import SCHEMA_VERSION, JobDB
+from fategen.core.prompt import MAX_SEED, GenerationRequest
 from fategen.errors import ConfigError
-from fategen.jobs import Job, JobStatus, JobStore
-from fategen.prompt import MAX_SEED, GenerationRequest
+from fategen.store import sqlite as dbmod
+from fategen.store.jobs import Job, JobStatus, JobStore
+from fategen.store.sqlite import SCHEMA_VERSION, JobDB
 
 
 def request(prompt: str = "a fox in snow", **changes: Any) -> GenerationRequest:

@@ -16,12 +16,12 @@ from typing import Protocol
 import attrs
 import trio
 
+from fategen.core.modelconfig import ModelConfig
+from fategen.core.prompt import GenerationRequest, parse_request
+from fategen.core.workflow import WorkflowTemplate, build_workflow
 from fategen.errors import FategenError
-from fategen.jobs import Job, JobStatus, JobStore, JobView
-from fategen.modelconfig import ModelConfig
-from fategen.prompt import GenerationRequest, parse_request
-from fategen.scheduler import Scheduler
-from fategen.workflow import WorkflowTemplate, build_workflow
+from fategen.queue.scheduler import Scheduler
+from fategen.store.jobs import Job, JobStatus, JobStore, JobView
 
 log = logging.getLogger("fategen.jobs")
 

@@ -27,34 +27,25 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import httpx
 import trio
 import trio_websocket
 
-from fategen.comfy_client import (
-    INTERRUPTED,
+from fategen.comfy import inventory
+from fategen.comfy.images import ImageFetcher, images_from_entry
+from fategen.comfy.reconcile import Whereabouts, locate
+from fategen.comfy.tracker import OnProgress, Stalled, Tracker
+from fategen.comfy.wire import (
     ComfyMessage,
     ComfyRest,
-    Executed,
-    Executing,
-    ExecutionCached,
-    ExecutionError,
-    ExecutionInterrupted,
-    ExecutionStart,
-    ExecutionSuccess,
     ImageRef,
-    Progress,
     Status,
-    execution_error_sentence,
-    history_failure,
-    images_from_outputs,
     parse_message,
     select_images,
 )
@@ -70,10 +61,6 @@ MAX_MESSAGE_SIZE = 64 * 2**20
 _HISTORY_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 #: How long clean-up calls (interrupt, queue delete) may take.
 _CLEANUP_SECONDS = 5.0
-#: Progress updates kept per prompt while nobody follows it.
-_PROGRESS_BUFFER = 64
-
-OnProgress = Callable[[int, int], None]
 
 
 def _seconds(value: float) -> str:
@@ -89,58 +76,6 @@ class SessionStatistics:
     queue_remaining: int | None
     tracked_prompts: int
     connections: int
-
-
-class _Stalled(Exception):
-    """Internal: no event for the prompt within the stall limit."""
-
-
-class _Tracker:
-    """What the reader learnt about one prompt; ``changed()`` fires on every update."""
-
-    def __init__(self, prompt_id: str, workflow: Mapping[str, Any], connection: int) -> None:
-        self.prompt_id = prompt_id
-        self.workflow = workflow
-        #: The connection whose messages this tracker has seen; differs after a reconnect.
-        self.connection = connection
-        self.last_activity = trio.current_time()
-        self.started = False
-        self.finished = False
-        self.failure: str | None = None
-        self.cancelled = False
-        self.progress: deque[tuple[int, int]] = deque(maxlen=_PROGRESS_BUFFER)
-        self.executed_images: list[ImageRef] = []
-        self._changed = trio.Event()
-
-    def changed(self) -> trio.Event:
-        return self._changed
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def touch(self) -> None:
-        self.last_activity = trio.current_time()
-        self.notify()
-
-    def apply(self, message: ComfyMessage) -> None:
-        if isinstance(message, ExecutionStart | ExecutionCached):
-            self.started = True
-        elif isinstance(message, Executing):
-            self.started = True
-            if message.node is None:
-                self.finished = True
-        elif isinstance(message, Progress):
-            self.progress.append((message.value, message.max))
-        elif isinstance(message, Executed):
-            self.executed_images.extend(message.images)
-        elif isinstance(message, ExecutionError):
-            self.failure = self.failure or execution_error_sentence(message, self.workflow)
-        elif isinstance(message, ExecutionInterrupted):
-            self.failure = self.failure or INTERRUPTED
-        elif isinstance(message, ExecutionSuccess):
-            pass
-        self.touch()
 
 
 class ComfySession:
@@ -175,7 +110,6 @@ class ComfySession:
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=30)
         self.rest = ComfyRest(self.base_url, self._http)
-        self.folder_path = folder_path
         self.connect_timeout = connect_timeout
         self.stall_timeout = stall_timeout
         self.job_timeout = job_timeout
@@ -187,9 +121,8 @@ class ComfySession:
         self._available = False
         self._available_changed = trio.Event()
         self._connection = 0
-        self._trackers: dict[str, _Tracker] = {}
-        self._file_limiter = trio.CapacityLimiter(4)
-        self._warned_folder = False
+        self._trackers: dict[str, Tracker] = {}
+        self.images = ImageFetcher(self.rest, folder_path)
 
     @classmethod
     @asynccontextmanager
@@ -308,14 +241,14 @@ class ComfySession:
 
     # --- jobs -----------------------------------------------------------------------------------
 
-    def _track(self, prompt_id: str, workflow: Mapping[str, Any]) -> _Tracker:
+    def _track(self, prompt_id: str, workflow: Mapping[str, Any]) -> Tracker:
         if prompt_id in self._trackers:
             raise ComfyError(f"the prompt {prompt_id} is already being followed")
-        tracker = _Tracker(prompt_id, workflow, self._connection)
+        tracker = Tracker(prompt_id, workflow, self._connection)
         self._trackers[prompt_id] = tracker
         return tracker
 
-    def _forget(self, tracker: _Tracker) -> None:
+    def _forget(self, tracker: Tracker) -> None:
         if self._trackers.get(tracker.prompt_id) is tracker:
             del self._trackers[tracker.prompt_id]
 
@@ -367,7 +300,7 @@ class ComfySession:
             with trio.move_on_after(self.job_timeout):
                 try:
                     return await self._follow(tracker, on_progress)
-                except _Stalled:
+                except Stalled:
                     sentence = (
                         f"ComfyUI reported nothing about the job for "
                         f"{_seconds(self.stall_timeout)}, so it was stopped"
@@ -384,7 +317,7 @@ class ComfySession:
             await self._stop_quietly(prompt_id)
         raise JobTimeout(sentence)
 
-    async def _follow(self, tracker: _Tracker, on_progress: OnProgress | None) -> list[ImageRef]:
+    async def _follow(self, tracker: Tracker, on_progress: OnProgress | None) -> list[ImageRef]:
         while True:
             changed = tracker.changed()
             if tracker.cancelled:
@@ -405,9 +338,9 @@ class ComfySession:
             with trio.move_on_at(tracker.last_activity + self.stall_timeout):
                 await changed.wait()
             if not changed.is_set():
-                raise _Stalled
+                raise Stalled
 
-    async def _reconcile(self, tracker: _Tracker) -> list[ImageRef] | None:
+    async def _reconcile(self, tracker: Tracker) -> list[ImageRef] | None:
         """After a reconnect: is the prompt done (images), still queued (None), or lost?"""
         with trio.move_on_after(self.stall_timeout) as scope:
             await self.wait_available()
@@ -418,29 +351,22 @@ class ComfySession:
             )
         connection = self._connection
         pid = tracker.prompt_id
-        entry = await self.rest.history(pid)
-        if entry is None:
-            running, pending = await self.rest.queue()
-            if pid in running or pid in pending:
-                log.info(
-                    "prompt %s is still %s after a reconnect",
-                    pid,
-                    "running" if pid in running else "queued",
-                )
-                tracker.connection = connection
-                tracker.started = tracker.started or pid in running
-                tracker.touch()
-                return None
-            entry = await self.rest.history(pid)  # it may have ended between the two calls
-        if entry is None:
+        where = await locate(self.rest, pid)
+        if where.state in ("running", "queued"):
+            log.info("prompt %s is still %s after a reconnect", pid, where.state)
+            tracker.connection = connection
+            tracker.started = tracker.started or where.state == "running"
+            tracker.touch()
+            return None
+        if where.entry is None:
             raise ComfyUnavailable(
                 "ComfyUI lost the job (it is neither queued nor in its history, "
                 "ComfyUI probably restarted); it can be submitted again"
             )
         tracker.connection = connection
-        return self._images_from_entry(tracker, entry)
+        return images_from_entry(where.entry, tracker.workflow)
 
-    async def _outputs(self, tracker: _Tracker) -> list[ImageRef]:
+    async def _outputs(self, tracker: Tracker) -> list[ImageRef]:
         """The history entry after ``executing`` null (retried: it may not be stored yet)."""
         entry = await self.rest.history(tracker.prompt_id)
         for delay in _HISTORY_RETRIES:
@@ -456,38 +382,16 @@ class ComfySession:
                 )
                 return images
             raise ComfyError("ComfyUI finished the job but has no record of its results")
-        return self._images_from_entry(tracker, entry)
+        return images_from_entry(entry, tracker.workflow)
 
-    @staticmethod
-    def _images_from_entry(tracker: _Tracker, entry: Mapping[str, Any]) -> list[ImageRef]:
-        failure = history_failure(entry, tracker.workflow)
-        if failure is not None:
-            raise ComfyError(failure)
-        outputs = entry.get("outputs")
-        images = images_from_outputs(outputs if isinstance(outputs, Mapping) else {})
-        if not images:
-            raise ComfyError(
-                "ComfyUI finished the job without any image (does the workflow save one?)"
-            )
-        return images
-
-    async def lookup(self, prompt_id: str) -> Literal["done", "running", "queued", "unknown"]:
+    async def lookup(self, prompt_id: str) -> Whereabouts:
         """Where ComfyUI has the prompt: ``done`` (in ``/history``, whatever its end),
         ``running``, ``queued`` (pending), or ``unknown`` (never seen, deleted, or lost).
 
         Raises:
             ComfyUnavailable: ComfyUI cannot be reached.
         """
-        if await self.rest.history(prompt_id) is not None:
-            return "done"
-        running, pending = await self.rest.queue()
-        if prompt_id in running:
-            return "running"
-        if prompt_id in pending:
-            return "queued"
-        if await self.rest.history(prompt_id) is not None:  # ended between the two calls
-            return "done"
-        return "unknown"
+        return (await locate(self.rest, prompt_id)).state
 
     async def cancel(self, prompt_id: str) -> None:
         """Stop a prompt: delete it from the queue if pending, interrupt it if running.
@@ -542,49 +446,13 @@ class ComfySession:
     # --- images ---------------------------------------------------------------------------------
 
     async def fetch_images(self, refs: Sequence[ImageRef]) -> list[bytes]:
-        """The bytes of each image, in order.
+        """The bytes of each image, in order (see `ImageFetcher.fetch`)."""
+        return await self.images.fetch(refs)
 
-        With ``folder_path`` set, ``output`` images are read from that folder (in a worker
-        thread); a name that resolves outside the folder is refused (ComfyError); a file that
-        is not there is fetched through ``GET /view`` instead (logged once), so a wrong or
-        remote folder only costs speed. ``temp`` images always come through ``/view``.
-
-        Raises:
-            ImageError: ComfyUI has no such image (404) or would not send it.
-            ComfyError: a name points outside the output folder.
-            ComfyUnavailable: ComfyUI cannot be reached.
-        """
-        results: list[bytes] = []
-        for ref in refs:
-            data = await self._read_local(ref)
-            results.append(data if data is not None else await self.rest.view(ref))
-        return results
-
-    async def _read_local(self, ref: ImageRef) -> bytes | None:
-        folder = self.folder_path
-        if folder is None or ref.type != "output":
-            return None
-
-        def read() -> bytes | None:
-            root = folder.resolve()
-            path = (root / ref.subfolder / ref.filename).resolve()
-            if not path.is_relative_to(root):
-                name = f"{ref.subfolder}/{ref.filename}" if ref.subfolder else ref.filename
-                raise ComfyError(f'ComfyUI named an image outside its output folder: "{name}"')
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                return None
-
-        data = await trio.to_thread.run_sync(read, limiter=self._file_limiter)
-        if data is None and not self._warned_folder:
-            self._warned_folder = True
-            log.warning(
-                "image %s is not in %s; reading images through ComfyUI's /view instead",
-                ref.filename,
-                folder,
-            )
-        return data
+    @property
+    def folder_path(self) -> Path | None:
+        """ComfyUI's output folder as this machine sees it, if images are read from disk."""
+        return self.images.folder_path
 
     # --- maintenance ----------------------------------------------------------------------------
 
@@ -600,37 +468,9 @@ class ComfySession:
     async def check_setup(
         self, node_classes: Mapping[str, set[str]], checkpoints: Mapping[str, str]
     ) -> list[str]:
-        """Warnings (one sentence each) for what the configuration needs and ComfyUI lacks.
-
-        Args:
-            node_classes: workflow template name -> the node class types it uses.
-            checkpoints: model id -> checkpoint file name.
-
-        Raises:
-            ComfyUnavailable: ComfyUI cannot be reached.
-        """
-        warnings: list[str] = []
-        info = await self.rest.object_info()
-        for template in sorted(node_classes):
-            for class_type in sorted(node_classes[template] - set(info)):
-                warnings.append(
-                    f'workflow template "{template}" uses node type "{class_type}", which '
-                    f"ComfyUI does not have (a custom node may be missing)"
-                )
-        installed = await self.rest.checkpoints()
-        if installed is None:  # older ComfyUI: read the loader's choices
-            loader = info.get("CheckpointLoaderSimple") or {}
-            try:
-                installed = list(loader["input"]["required"]["ckpt_name"][0])
-            except (KeyError, IndexError, TypeError):
-                installed = []
-        for model_id in sorted(checkpoints):
-            name = checkpoints[model_id]
-            if name not in installed:
-                warnings.append(
-                    f'model "{model_id}": checkpoint "{name}" is not installed on ComfyUI'
-                )
-        return warnings
+        """Warnings for what the configuration needs and ComfyUI lacks (see
+        `fategen.comfy.inventory.check_setup`)."""
+        return await inventory.check_setup(self.rest, node_classes, checkpoints)
 
 
 def _describe(exc: BaseException) -> str:

@@ -39,8 +39,8 @@ from fractions import Fraction
 
 import attrs
 
+from fategen.core.modelconfig import ModelConfig, ModelSpec
 from fategen.errors import PromptError
-from fategen.modelconfig import ModelConfig, ModelSpec
 
 MAX_SEED = 2**64 - 1
 

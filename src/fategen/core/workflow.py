@@ -24,9 +24,9 @@ from typing import Any
 
 import attrs
 
+from fategen.core.modelconfig import ModelSpec
+from fategen.core.prompt import GenerationRequest, negative_text, positive_text
 from fategen.errors import WorkflowError
-from fategen.modelconfig import ModelSpec
-from fategen.prompt import GenerationRequest, negative_text, positive_text
 
 #: parameter -> (node title, input name).
 BINDINGS: Mapping[str, tuple[str, str]] = {

@@ -1,12 +1,19 @@
-"""The post-processor actor: fetches a finished job's images, makes the WebP grid, completes it.
+"""The post-processor actor: fetches a finished job's images, makes the WebP grid, writes it.
 
 It runs beside the worker, so fetching and encoding one job overlaps the next generation.
-Pillow work happens in worker threads (`fategen.grid.render_result_async`).
+Pillow work and file writes happen in worker threads (`render_result_async`, at most
+`RENDER_LIMITER` at once: WebP encoding releases the GIL, so two renders run in parallel).
+The grid itself is pure (`fategen.core.grid`); writing the file, atomically, is done here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import logging
+import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -15,12 +22,15 @@ from typing import NoReturn
 import attrs
 import trio
 
-from fategen.comfy import ImageRef
-from fategen.errors import FategenError
-from fategen.grid import render_result_async
-from fategen.jobs import Job, JobStatus, JobStore
+from fategen.comfy.wire import ImageRef
+from fategen.core.grid import decode_images, encode_webp, make_grid
+from fategen.errors import FategenError, ImageError
+from fategen.store.jobs import Job, JobStatus, JobStore, result_path
 
 log = logging.getLogger("fategen.postprocess")
+
+#: Renders running at once in `render_result_async` (each one is CPU-heavy).
+RENDER_LIMITER = trio.CapacityLimiter(2)
 
 
 @attrs.define(eq=False)
@@ -64,3 +74,102 @@ class PostProcessor:
         )
         took = finished - (job.started or finished)
         log.info("job %s finished in %.1f s: %s", job.id, took, path.name)
+
+
+#: errno values meaning "this filesystem cannot make hard links".
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def _write_error(path: Path, exc: OSError) -> ImageError:
+    return ImageError(f"cannot write the result to {path}: {exc.strerror or exc}")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data``, all at once or not at all; never replace a file.
+
+    The data goes to a hidden temporary file in the same directory (``.{name}.{random}.tmp``),
+    is flushed and fsynced, then hard-linked to ``path``: the link fails if ``path`` exists, so
+    another job's file is never overwritten, and readers never see a half-written file. On
+    filesystems without hard links it falls back to check-then-``os.replace`` (a tiny race).
+    The temporary file is removed whatever happens.
+
+    Raises:
+        ImageError: ``path`` exists, or the file cannot be written (permissions, disk full, ...).
+    """
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            # No hard links here (some network or FUSE filesystems): check, then rename.
+            if os.path.lexists(path):
+                raise FileExistsError(path) from None
+            os.replace(temp, path)
+    except FileExistsError as exc:
+        raise ImageError(
+            f"cannot write the result to {path}: a file with that name already exists"
+        ) from exc
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the new directory entry durable (best effort: not every platform allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def render_result(
+    blobs: Sequence[bytes], out_dir: Path, job_id: str, *, quality: int = 90, method: int = 4
+) -> Path:
+    """Decode, grid, encode and write ``out_dir / f"{job_id}.webp"`` (blocking).
+
+    Raises:
+        ImageError: corrupt input, no images, or the file cannot be written (or exists).
+        ValueError: ``job_id`` is not a plain file name.
+    """
+    if not job_id or job_id.startswith(".") or any(c in job_id for c in "/\\\0"):
+        raise ValueError(f"job id {job_id!r} cannot be a file name")
+    image = make_grid(decode_images(blobs))
+    path = result_path(out_dir, job_id)
+    write_atomic(path, encode_webp(image, quality=quality, method=method))
+    return path
+
+
+async def render_result_async(
+    blobs: Sequence[bytes],
+    out_dir: Path,
+    job_id: str,
+    *,
+    quality: int = 90,
+    method: int = 4,
+    limiter: trio.CapacityLimiter | None = None,
+) -> Path:
+    """`render_result` in a worker thread, at most ``limiter`` (default `RENDER_LIMITER`) at once.
+
+    Cancellation waits for the thread to finish, so a file is never left half-done.
+    """
+    render = functools.partial(
+        render_result, blobs, out_dir, job_id, quality=quality, method=method
+    )
+    return await trio.to_thread.run_sync(render, limiter=limiter or RENDER_LIMITER)

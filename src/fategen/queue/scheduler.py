@@ -15,8 +15,8 @@ from typing import NoReturn, cast
 import attrs
 import trio
 
-from fategen.jobs import Job, JobStatus, JobStore
-from fategen.policy import FairPolicy
+from fategen.core.policy import FairPolicy
+from fategen.store.jobs import Job, JobStatus, JobStore
 
 log = logging.getLogger("fategen.scheduler")
 

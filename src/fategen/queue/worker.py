@@ -19,12 +19,12 @@ from typing import NoReturn, Protocol
 import attrs
 import trio
 
-from fategen.comfy import ImageRef
+from fategen.comfy.wire import ImageRef
+from fategen.core.modelconfig import ModelConfig
+from fategen.core.workflow import WorkflowTemplate, build_workflow
 from fategen.errors import ComfyUnavailable, FategenError
-from fategen.jobs import Job, JobStatus, JobStore
-from fategen.modelconfig import ModelConfig
-from fategen.scheduler import Scheduler
-from fategen.workflow import WorkflowTemplate, build_workflow
+from fategen.queue.scheduler import Scheduler
+from fategen.store.jobs import Job, JobStatus, JobStore
 
 log = logging.getLogger("fategen.worker")
 
@@ -33,7 +33,7 @@ MAX_ATTEMPTS = 2
 
 
 class Session(Protocol):
-    """What the worker needs of `fategen.comfy.ComfySession`."""
+    """What the worker needs of `fategen.comfy.session.ComfySession`."""
 
     async def submit(self, workflow: dict[str, object], *, prompt_id: str) -> None: ...
     async def follow(

@@ -7,20 +7,19 @@ becomes visible, then wakes whoever waits on that job. Readers (the HTTP front e
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
-import cattrs
 import trio
 
-from fategen.db import JobDB
-from fategen.prompt import GenerationRequest
+from fategen.store.model import Job, JobStatus, JobView
+from fategen.store.sqlite import JobDB
+
+__all__ = ["POSITIONS_MAX_AGE", "Job", "JobStatus", "JobStore", "JobView", "result_path"]
 
 log = logging.getLogger("fategen.jobs")
 
@@ -28,72 +27,6 @@ log = logging.getLogger("fategen.jobs")
 #: The longest queue positions are reused without a change (the policy's order also moves with
 #: time: a job passed over for too long may no longer be passed over).
 POSITIONS_MAX_AGE = 0.5
-
-
-class JobStatus(enum.StrEnum):
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-@attrs.define
-class Job:
-    id: str
-    nick: str
-    message: str
-    request: GenerationRequest
-    seq: int = 0
-    status: JobStatus = JobStatus.QUEUED
-    created: float = attrs.field(factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    progress_value: int = 0
-    progress_max: int = 0
-    result: str | None = None
-    error: str | None = None
-    #: How many times the job was started (a crash mid-job makes it run again once).
-    attempts: int = 0
-    #: When its prompt was last posted to ComfyUI (written before the post): after a restart,
-    #: such a job may already be in ComfyUI's queue, so it goes first.
-    submitted: float | None = None
-    cancelled_by: str | None = None
-    idempotency_key: str | None = None
-
-    @property
-    def model(self) -> str:
-        return self.request.model
-
-    @staticmethod
-    def new_id() -> str:
-        return str(uuid.uuid4())
-
-
-@attrs.frozen
-class JobView:
-    """An immutable snapshot of a job, for readers."""
-
-    id: str
-    nick: str
-    status: JobStatus
-    queue_position: int | None
-    request: GenerationRequest
-    created: float
-    started: float | None
-    finished: float | None
-    progress_value: int
-    progress_max: int
-    result: str | None
-    error: str | None
-    cancelled_by: str | None
-
-
-converter = cattrs.Converter()
 
 
 class JobStore:

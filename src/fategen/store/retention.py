@@ -16,7 +16,7 @@ from typing import NoReturn
 import attrs
 import trio
 
-from fategen.jobs import Job, JobStore, result_path
+from fategen.store.jobs import Job, JobStore, result_path
 
 log = logging.getLogger("fategen.retention")
 

@@ -7,16 +7,15 @@ The schema is versioned with ``PRAGMA user_version``; `MIGRATIONS` brings an old
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
-if TYPE_CHECKING:
-    from fategen.jobs import Job
+from fategen.errors import ConfigError
+from fategen.store.model import Job, job_from_body, job_to_row
 
 T = TypeVar("T")
 
@@ -69,8 +68,6 @@ class JobDB:
     def _migrate(self) -> None:
         (version,) = self._conn.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
-            from fategen.errors import ConfigError
-
             raise ConfigError(
                 f"the job database {self._path} is from a newer fategen "
                 f"(schema {version}, this release knows {SCHEMA_VERSION})"
@@ -99,14 +96,14 @@ class JobDB:
         self._conn.execute(
             "INSERT INTO jobs (id, seq, nick, status, created, finished, idempotency_key, body)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            _row(job),
+            job_to_row(job),
         )
 
     def save(self, job: Job) -> None:
         self._conn.execute(
             "UPDATE jobs SET seq = ?, nick = ?, status = ?, created = ?, finished = ?,"
             " idempotency_key = ?, body = ? WHERE id = ?",
-            (*_row(job)[1:], job.id),
+            (*job_to_row(job)[1:], job.id),
         )
 
     def delete(self, job_ids: list[str]) -> None:
@@ -130,22 +127,5 @@ class JobDB:
         )
 
     def load_all(self) -> list[Job]:
-        from fategen.jobs import Job, converter
-
         rows = self._conn.execute("SELECT body FROM jobs ORDER BY seq").fetchall()
-        return [converter.structure(json.loads(body), Job) for (body,) in rows]
-
-
-def _row(job: Job) -> tuple[Any, ...]:
-    from fategen.jobs import converter
-
-    return (
-        job.id,
-        job.seq,
-        job.nick,
-        job.status.value,
-        job.created,
-        job.finished,
-        job.idempotency_key,
-        json.dumps(converter.unstructure(job), ensure_ascii=False),
-    )
+        return [job_from_body(body) for (body,) in rows]

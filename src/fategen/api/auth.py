@@ -1,0 +1,48 @@
+"""Bearer API keys: with any key configured, every path but `OPEN_PATHS` needs one."""
+
+from __future__ import annotations
+
+import hmac
+
+from quart import Response, request
+
+from fategen.api.common import error, state
+
+#: Paths anyone may read: the health check and the API documentation.
+OPEN_PATHS = ("/health", "/docs", "/redoc", "/openapi.json")
+
+
+def key_of_request() -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if there is one."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def matches(token: str | None, keys: frozenset[str]) -> bool:
+    """Whether ``token`` is one of ``keys``, compared with every key in constant time."""
+    if token is None:
+        return False
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def is_admin() -> bool:
+    """Whether the current request carries an admin key."""
+    return matches(key_of_request(), state().settings.admin_keys)
+
+
+async def authenticate() -> Response | None:
+    """A ``before_request`` hook: 401 unless the request may go on."""
+    all_keys = state().all_keys
+    if not all_keys or request.path in OPEN_PATHS:
+        return None
+    if not matches(key_of_request(), all_keys):
+        return error(
+            "a valid API key is required (Authorization: Bearer <key>)",
+            401,
+            WWW_Authenticate="Bearer",
+        )
+    return None

@@ -1,0 +1,100 @@
+"""What every route module shares: the service's state on the app, errors, job responses."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import cast
+
+import attrs
+from quart import Response, current_app, request
+
+from fategen.api.frontdesk import Frontdesk, Refused
+from fategen.api.schemas import JobResponse, Progress
+from fategen.settings import Settings
+from fategen.store.jobs import JobView
+
+#: The key of `ApiState` in ``app.extensions``.
+EXTENSION = "fategen"
+
+
+@attrs.frozen
+class ApiState:
+    """All the routes know of the service (``create_app`` puts it on the app)."""
+
+    desk: Frontdesk
+    settings: Settings
+    comfyui_url: str
+    output_dir: Path
+    #: Every API and admin key (empty: keys are off).
+    all_keys: frozenset[str]
+
+
+def state() -> ApiState:
+    """The `ApiState` of the app answering the current request."""
+    return cast(ApiState, current_app.extensions[EXTENSION])
+
+
+def error(message: str, status: int, **headers: str) -> Response:
+    """``{"error": message}``; ``headers`` with ``_`` for ``-`` (``Retry_After``)."""
+    response = Response(
+        json.dumps({"error": message}, ensure_ascii=False),
+        status=status,
+        content_type="application/json",
+    )
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
+
+
+def iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+def base_url() -> str:
+    """The base URL bots use: ``FATEGEN_PUBLIC_URL``, or the one this request came to."""
+    return state().settings.public_url or request.host_url.rstrip("/")
+
+
+def find_job(job_id: str) -> JobView:
+    """The job named in a path, or `Refused` (404) with a sentence."""
+    try:
+        canonical = str(uuid.UUID(job_id))
+    except ValueError:
+        raise Refused(f"there is no job {job_id[:64]!r}", 404) from None
+    view = state().desk.view(canonical)
+    if view is None:
+        raise Refused(f"there is no job {canonical}", 404)
+    return view
+
+
+def job_response(view: JobView) -> JobResponse:
+    r = view.request
+    image_url = None
+    result = None
+    if view.result is not None:
+        result = str(state().output_dir / view.result)
+        image_url = f"{base_url()}/job/{view.id}/image"
+    return JobResponse(
+        job_id=view.id,
+        status=view.status.value,
+        queue_position=view.queue_position,
+        progress=Progress(step=view.progress_value, of=view.progress_max),
+        result=result,
+        image_url=image_url,
+        error=view.error,
+        nick=view.nick,
+        prompt=r.prompt,
+        negative=r.negative,
+        model=r.model,
+        width=r.width,
+        height=r.height,
+        count=r.count,
+        seed=r.seed,
+        created=iso(view.created) or "",
+        started=iso(view.started),
+        finished=iso(view.finished),
+        cancelled_by=view.cancelled_by,
+    )

@@ -1,0 +1,121 @@
+"""Routes of jobs: submit (``POST /request``), look up, long-poll, fetch the image, cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import trio
+from quart import Blueprint, Response, request, send_file
+from quart_schema import (
+    document_headers,
+    validate_querystring,
+    validate_request,
+    validate_response,
+)
+
+from fategen.api.auth import is_admin
+from fategen.api.common import base_url, find_job, job_response, state
+from fategen.api.frontdesk import Refused
+from fategen.api.schemas import (
+    CancelQuery,
+    ErrorResponse,
+    JobResponse,
+    SubmitRequest,
+    SubmitResponse,
+    WaitQuery,
+)
+
+blueprint = Blueprint("jobs", __name__)
+
+
+@attrs.frozen
+class IdempotencyHeaders:
+    idempotency_key: str | None = None
+
+
+@blueprint.post("/request")
+@validate_request(SubmitRequest)
+@document_headers(IdempotencyHeaders)
+@validate_response(SubmitResponse, 200)
+@validate_response(ErrorResponse, 400)
+@validate_response(ErrorResponse, 429)
+async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int]:
+    """Queue a chat line as an image job. Retries with the same Idempotency-Key get the
+    same job back."""
+    view = await state().desk.submit(
+        data.nick, data.message, idempotency_key=request.headers.get("Idempotency-Key")
+    )
+    return (
+        SubmitResponse(
+            job_id=view.id,
+            status=view.status.value,
+            queue_position=view.queue_position,
+            job_url=f"{base_url()}/job/{view.id}",
+            wait_url=f"{base_url()}/wait/{view.id}",
+        ),
+        200,
+    )
+
+
+@blueprint.get("/job/<job_id>")
+@validate_response(JobResponse, 200)
+@validate_response(ErrorResponse, 404)
+async def get_job(job_id: str) -> tuple[JobResponse, int]:
+    """A job's state, queue position, progress and, once completed, its image."""
+    return job_response(find_job(job_id)), 200
+
+
+@blueprint.delete("/job/<job_id>")
+@validate_querystring(CancelQuery)
+@validate_response(JobResponse, 200)
+@validate_response(ErrorResponse, 400)
+@validate_response(ErrorResponse, 403)
+@validate_response(ErrorResponse, 404)
+@validate_response(ErrorResponse, 409)
+async def cancel_job(job_id: str, query_args: CancelQuery) -> tuple[JobResponse, int]:
+    """Cancel a job: the nick that submitted it, or an admin key, may."""
+    view = find_job(job_id)
+    cancelled = await state().desk.cancel(view.id, nick=query_args.nick, admin=is_admin())
+    return job_response(cancelled), 200
+
+
+@blueprint.get("/job/<job_id>/image")
+@validate_response(ErrorResponse, 404)
+async def get_image(job_id: str) -> Response:
+    """The finished WebP (image/webp)."""
+    view = find_job(job_id)
+    if view.result is None:
+        raise Refused(f"job {view.id} has no image (it is {view.status.value})", 404)
+    path = state().output_dir / Path(view.result).name
+    if not await trio.Path(path).is_file():
+        raise Refused(f"the image of job {view.id} is gone (pruned or deleted)", 404)
+    response = await send_file(path, mimetype="image/webp")
+    response.headers["Cache-Control"] = "public, max-age=86400, immutable"
+    return response
+
+
+@blueprint.get("/wait/<job_id>")
+@validate_querystring(WaitQuery)
+@validate_response(JobResponse, 200)
+@validate_response(JobResponse, 202)
+@validate_response(ErrorResponse, 400)
+@validate_response(ErrorResponse, 404)
+async def wait_job(job_id: str, query_args: WaitQuery) -> Response | tuple[JobResponse, int]:
+    """Long-poll: answers 200 once the job has finished, or 202 with its current state when
+    the timeout runs out (poll again)."""
+    view = find_job(job_id)
+    settings, desk = state().settings, state().desk
+    timeout = query_args.timeout
+    if timeout is None:
+        timeout = settings.wait_timeout_default
+    if not timeout >= 0:
+        raise Refused("timeout must be zero or more seconds")
+    timeout = min(timeout, settings.wait_timeout_max)
+    with trio.move_on_after(timeout):
+        await desk.wait_finished(view.id)
+    final = desk.view(view.id)
+    assert final is not None
+    if final.status.finished:
+        return job_response(final), 200
+    return job_response(final), 202

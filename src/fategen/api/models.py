@@ -1,0 +1,46 @@
+"""Routes of models: ``GET /models``, the configured models and the defaults."""
+
+from __future__ import annotations
+
+from quart import Blueprint
+from quart_schema import validate_response
+
+from fategen.api.common import state
+from fategen.api.schemas import DefaultsInfo, ModelInfo, ModelsResponse
+
+blueprint = Blueprint("models", __name__)
+
+
+@blueprint.get("/models")
+@validate_response(ModelsResponse, 200)
+async def models() -> tuple[ModelsResponse, int]:
+    """Every configured model and the defaults."""
+    cfg = state().desk.config
+    d = cfg.defaults
+    return (
+        ModelsResponse(
+            models=[
+                ModelInfo(
+                    id=model_id,
+                    workflow=spec.workflow,
+                    checkpoint=spec.checkpoint_name,
+                    width=spec.image_width,
+                    height=spec.image_height,
+                    steps=spec.steps,
+                    description=spec.description,
+                )
+                for model_id, spec in cfg.models.items()
+            ],
+            defaults=DefaultsInfo(
+                model=d.model,
+                width=d.width,
+                height=d.height,
+                count=d.count,
+                max_count=d.max_count,
+                min_size=d.min_size,
+                max_size=d.max_size,
+                max_pixels=d.max_pixels,
+            ),
+        ),
+        200,
+    )

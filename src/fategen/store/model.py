@@ -1,0 +1,102 @@
+"""The job's data types: `Job` (mutable, owned by the store), its `JobStatus`, the frozen
+`JobView` readers get, and the mapping of a job to and from its database row.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from typing import Any
+
+import attrs
+import cattrs
+
+from fategen.core.prompt import GenerationRequest
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@attrs.define
+class Job:
+    id: str
+    nick: str
+    message: str
+    request: GenerationRequest
+    seq: int = 0
+    status: JobStatus = JobStatus.QUEUED
+    created: float = attrs.field(factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    progress_value: int = 0
+    progress_max: int = 0
+    result: str | None = None
+    error: str | None = None
+    #: How many times the job was started (a crash mid-job makes it run again once).
+    attempts: int = 0
+    #: When its prompt was last posted to ComfyUI (written before the post): after a restart,
+    #: such a job may already be in ComfyUI's queue, so it goes first.
+    submitted: float | None = None
+    cancelled_by: str | None = None
+    idempotency_key: str | None = None
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    @staticmethod
+    def new_id() -> str:
+        return str(uuid.uuid4())
+
+
+@attrs.frozen
+class JobView:
+    """An immutable snapshot of a job, for readers."""
+
+    id: str
+    nick: str
+    status: JobStatus
+    queue_position: int | None
+    request: GenerationRequest
+    created: float
+    started: float | None
+    finished: float | None
+    progress_value: int
+    progress_max: int
+    result: str | None
+    error: str | None
+    cancelled_by: str | None
+
+
+#: The one converter for jobs: a job is stored as this JSON (the ``body`` column).
+_converter = cattrs.Converter()
+
+
+def job_to_row(job: Job) -> tuple[Any, ...]:
+    """The row of the ``jobs`` table: its indexed columns, then the whole job as JSON."""
+    return (
+        job.id,
+        job.seq,
+        job.nick,
+        job.status.value,
+        job.created,
+        job.finished,
+        job.idempotency_key,
+        json.dumps(_converter.unstructure(job), ensure_ascii=False),
+    )
+
+
+def job_from_body(body: str) -> Job:
+    """The job stored as ``body`` (the last column of `job_to_row`)."""
+    return _converter.structure(json.loads(body), Job)
