@@ -20,9 +20,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def lint(session: nox.Session) -> None:
-    """ruff (with flake8-async's rules) over the source and the tests."""
-    session.install("ruff>=0.6")
+    """ruff (with flake8-async's rules) over the source and the tests, then the import
+    layering contracts of pyproject.toml (import-linter: core < store | comfy < queue < api)."""
+    session.install("ruff>=0.6", "import-linter>=2.1")
     session.run("ruff", "check", "src", "tests", "bench", "noxfile.py", *session.posargs)
+    session.run("lint-imports", env={"PYTHONPATH": "src"})
 
 
 @nox.session(default=False)

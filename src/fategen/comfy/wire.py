@@ -1,7 +1,7 @@
 """ComfyUI's wire protocol: WebSocket messages, error sentences, and a thin REST client.
 
 Everything here agrees with the recordings in ``comfyui-protocol/`` (ComfyUI 0.33). The
-session that ties the WebSocket to the REST calls lives in :mod:`fategen.comfy`.
+session that ties the WebSocket to the REST calls lives in :mod:`fategen.comfy.session`.
 
 WebSocket text frames are ``{"type": ..., "data": {...}}``; :func:`parse_message` maps
 ``type`` to a small frozen attrs class through :data:`MESSAGE_TYPES` and returns ``None`` for

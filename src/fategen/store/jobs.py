@@ -1,4 +1,4 @@
-"""Jobs and the job store: the one source of truth for job state.
+"""The job store: the one source of truth for job state (the types are in `model`).
 
 Every change goes through `JobStore`, which writes it to SQLite (in a worker thread) before it
 becomes visible, then wakes whoever waits on that job. Readers (the HTTP front end) get frozen
