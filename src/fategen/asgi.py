@@ -18,7 +18,7 @@ import trio
 from quart_trio import QuartTrio
 
 from fategen.cli import configure_logging
-from fategen.service import build_service
+from fategen.service import build_service, prepare_process_for_hypercorn
 from fategen.settings import Settings
 
 
@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     if settings is None:
         settings = Settings.from_env(dotenv=Path(".env"))
         configure_logging(settings.log_level)
+    prepare_process_for_hypercorn()
     service = build_service(settings)
     app = service.app
     # quart-trio cancels its nursery this long after shutdown starts: leave the grace period.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import resource
 from pathlib import Path
 
 import attrs
@@ -23,7 +24,7 @@ from quart_trio import QuartTrio
 
 from fategen.api.app import create_app
 from fategen.api.frontdesk import Frontdesk
-from fategen.api.server import serve_http
+from fategen.api.server import install_connection_isolation, serve_http
 from fategen.comfy.session import ComfySession
 from fategen.comfy.watchdog import IdleWatchdog
 from fategen.comfy.wire import ImageRef
@@ -277,6 +278,48 @@ def build_service(settings: Settings) -> Service:
     )
 
 
+#: File descriptors kept free of client connections: ComfyUI's connections (REST pool and
+#: WebSocket), the database and its journal, images being read and written, logs, threads.
+FD_RESERVE = 128
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+def connection_cap(settings: Settings, fd_limit: int) -> int:
+    """Client connections allowed at once: the setting, or fewer so `FD_RESERVE` descriptors
+    stay free for ComfyUI and the database."""
+    room = max(16, fd_limit - FD_RESERVE)
+    if settings.max_connections > room:
+        log.warning(
+            "FATEGEN_MAX_CONNECTIONS=%d is more than %d open files allow (keeping %d for "
+            "ComfyUI and the database): at most %d client connections at once",
+            settings.max_connections,
+            fd_limit,
+            FD_RESERVE,
+            room,
+        )
+        return room
+    return settings.max_connections
+
+
+def prepare_process_for_hypercorn() -> None:
+    """For a plain hypercorn deployment (`fategen.asgi`): the open-files limit raised and each
+    connection isolated, as under ``fategen serve`` (the connection cap is ``serve``'s only)."""
+    raise_fd_limit()
+    install_connection_isolation()
+
+
 def http_read_timeout(settings: Settings) -> float:
     """hypercorn's read timeout also runs while a request is answered (a parked /wait sends
     and receives nothing), so it must outlast the longest /wait, or the socket is dropped."""
@@ -302,6 +345,7 @@ async def run_service(
                 settings.http_port,
                 stop_http.wait,
                 read_timeout=http_read_timeout(settings),
+                max_connections=connection_cap(settings, raise_fd_limit()),
             )
         )
         log.info("fategen listening on %s, ComfyUI at %s", ", ".join(urls), settings.comfyui_url)

@@ -173,6 +173,21 @@ class Settings:
     shutdown_grace: float = _v(
         "FATEGEN_SHUTDOWN_GRACE", 30, _seconds("FATEGEN_SHUTDOWN_GRACE", allow_zero=True)
     )
+    #: Client connections open at once (fewer if the process's file descriptors cannot hold
+    #: them); more wait in the listen backlog.
+    max_connections: int = _v(
+        "FATEGEN_MAX_CONNECTIONS", 10_000, _integer("FATEGEN_MAX_CONNECTIONS", low=1)
+    )
+    #: Seconds any one call to ComfyUI may take in all (a trickling answer is cut off).
+    comfyui_call_timeout: float = _v(
+        "FATEGEN_COMFYUI_CALL_TIMEOUT", 60, _seconds("FATEGEN_COMFYUI_CALL_TIMEOUT")
+    )
+    #: The largest answer taken from ComfyUI (an image, /history, /object_info), in MiB.
+    comfyui_max_response_mib: int = _v(
+        "FATEGEN_COMFYUI_MAX_RESPONSE_MIB",
+        128,
+        _integer("FATEGEN_COMFYUI_MAX_RESPONSE_MIB", low=1),
+    )
     max_queue_per_user: int = _v(
         "FATEGEN_MAX_QUEUE_PER_USER", 10, _integer("FATEGEN_MAX_QUEUE_PER_USER", low=1)
     )

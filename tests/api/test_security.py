@@ -129,6 +129,24 @@ async def test_body_limits(stack: Stack) -> None:
     assert status == 413 and "too large" in body["error"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[" * 1000 + "]" * 1000,
+        '{"message": ' + "[" * 1000 + "]" * 1000 + ', "nick": "a"}',
+        '{"a":' * 1000 + "1" + "}" * 1000,
+        '{"message": "x", "nick": ' + "[" * 20000 + "]" * 20000 + "}",
+    ],
+    ids=["array", "nested-field", "objects", "deep-40k"],
+)
+async def test_deeply_nested_json_is_a_bad_request(stack: Stack, body: str) -> None:
+    """A 2 KB body nested 1,000 deep made json.loads raise RecursionError: a 500."""
+    status, answer = await post_raw(stack, body.encode())
+    assert status == 400
+    assert answer == {"error": "the request body is nested too deeply to be read as JSON"}
+    assert (await stack.client.get("/health")).status_code == 200
+
+
 async def test_largest_seed_and_pixel_budget_are_accepted(stack: Stack) -> None:
     sub = await stack.submit("edge -m tiny -s 18446744073709551615 -w 1536 -h 1536", "omar")
     view = (await stack.client.get(f"/job/{sub['job_id']}")).json()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from flask.json.provider import JSONProvider
 from quart import Response, request
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from quart_trio import QuartTrio
@@ -25,6 +26,28 @@ __all__ = ["MAX_BODY", "create_app"]
 log = logging.getLogger("fategen.http")
 
 MAX_BODY = 64 * 1024
+
+
+class BoundedJSONProvider(JSONProvider):
+    """The app's JSON provider (quart-schema's), with nesting too deep for the parser refused
+    as a bad request: a body of ``[[[[...`` 1,000 deep is 2 KB and would otherwise raise
+    RecursionError, a 500."""
+
+    def __init__(self, app: QuartTrio, inner: JSONProvider) -> None:
+        super().__init__(app)
+        self.inner = inner
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return self.inner.dumps(obj, **kwargs)
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return self.inner.loads(s, **kwargs)
+        except RecursionError:
+            raise Refused("the request body is nested too deeply to be read as JSON") from None
+
+    def response(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.response(*args, **kwargs)
 
 
 def _provider(keys_required: bool) -> type[CompleteOpenAPIProvider]:
@@ -71,6 +94,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
             "description": "Image-generation jobs for chat bots, run on ComfyUI.",
         },
     )
+    app.json = BoundedJSONProvider(app, app.json)
     app.extensions[EXTENSION] = ApiState(
         desk=desk,
         settings=settings,
