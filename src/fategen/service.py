@@ -32,7 +32,7 @@ from fategen.core.modelconfig import ModelConfig, load_model_config
 from fategen.core.policy import FairPolicy
 from fategen.core.workflow import WorkflowTemplate, load_templates
 from fategen.errors import ConfigError, FategenError
-from fategen.queue.postprocess import PostProcessor
+from fategen.queue.postprocess import PostProcessor, remove_partial_results
 from fategen.queue.scheduler import Scheduler, requeue_interrupted
 from fategen.queue.worker import ComfyWorker
 from fategen.settings import Settings
@@ -81,8 +81,10 @@ def load_configuration(settings: Settings) -> tuple[ModelConfig, dict[str, Workf
 
 
 def _prepare_output(path: Path) -> None:
+    """Create the output folder and remove what a crash left half-written in it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+        remove_partial_results(path)
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {path}: {exc.strerror}") from exc
 
@@ -153,11 +155,13 @@ class Service:
         abandoned = []
         for job in await self.store.load():
             changes = requeue_interrupted(job)
-            log.warning(
-                "job %s was processing when fategen stopped: %s",
-                job.id,
-                "running it again" if changes["status"] is JobStatus.QUEUED else "failed",
-            )
+            if job.generated is not None:
+                outcome = "ComfyUI had finished it; making its image"
+            elif changes["status"] is JobStatus.QUEUED:
+                outcome = "running it again"
+            else:
+                outcome = "failed"
+            log.warning("job %s was processing when fategen stopped: %s", job.id, outcome)
             await self.store.update(job, **changes)
             if job.status is JobStatus.FAILED:
                 abandoned.append(job.id)
@@ -249,7 +253,12 @@ def build_service(settings: Settings) -> Service:
     scheduler = Scheduler(store, policy, requests_rx)
     worker = ComfyWorker(store, scheduler, session, config, templates, requests_tx, results_tx)
     post = PostProcessor(
-        store, session.fetch_images, settings.output_dir, results_rx, settings.webp_quality
+        store,
+        session.fetch_images,
+        settings.output_dir,
+        results_rx,
+        settings.webp_quality,
+        job_timeout=settings.job_timeout,
     )
 
     async def free(*, unload_models: bool = True, free_memory: bool = False) -> None:

@@ -40,7 +40,7 @@ class Refused(FategenError):
 
 
 class Canceller(Protocol):
-    async def cancel(self, job: Job, by: str) -> None: ...
+    async def cancel(self, job: Job, by: str) -> bool: ...
 
 
 class Health(Protocol):
@@ -182,19 +182,42 @@ class Frontdesk:
         who = "admin" if admin and nick is None else (nick or "admin")
         if job.status.finished:
             raise Refused(f"job {job_id} has already {job.status.value}", 409)
+        if job.generated is not None:
+            raise self._too_late(job)
         if job.status is JobStatus.QUEUED and not self.scheduler.is_dispatched(job.id):
-            await self.store.update(
-                job, status=JobStatus.CANCELLED, cancelled_by=who, finished=time.time()
+            cancelled = await self.store.update(
+                job,
+                expect=(JobStatus.QUEUED,),
+                status=JobStatus.CANCELLED,
+                cancelled_by=who,
+                finished=time.time(),
             )
-            log.info("job %s cancelled by %s while queued", job.id, who)
-        else:
-            await self.canceller.cancel(job, who)
+            if cancelled:
+                log.info("job %s cancelled by %s while queued", job.id, who)
+            elif job.ended():
+                raise Refused(f"job {job_id} has already {job.status.value}", 409)
+        if not job.ended():
+            # Dispatched to the worker (posted ahead, or running), or dispatched just now.
+            if not await self.canceller.cancel(job, who):
+                raise self._too_late(job)
             with trio.move_on_after(10):
-                while not job.status.finished:
+                while not job.ended():
                     await self.store.wait_change(job.id)
+        if job.ended() and job.status is not JobStatus.CANCELLED:
+            raise Refused(f"job {job_id} has already {job.status.value}", 409)
         view = self.store.view(job_id)
         assert view is not None
         return view
+
+    @staticmethod
+    def _too_late(job: Job) -> Refused:
+        if job.status.finished:
+            return Refused(f"job {job.id} has already {job.status.value}", 409)
+        return Refused(
+            f"job {job.id} has already been generated; its image is being made, "
+            "so it can no longer be cancelled",
+            409,
+        )
 
     def stop(self) -> None:
         """Refuse new jobs and wake every waiter with the current state."""

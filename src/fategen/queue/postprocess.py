@@ -21,6 +21,7 @@ from typing import NoReturn
 
 import attrs
 import trio
+from PIL import Image
 
 from fategen.comfy.wire import ImageRef
 from fategen.core.grid import decode_images, encode_webp, make_grid
@@ -40,6 +41,8 @@ class PostProcessor:
     output_dir: Path
     results: trio.MemoryReceiveChannel[tuple[Job, list[ImageRef]]]
     quality: int = 90
+    #: Seconds a job may take from its start to its images fetched (None: no limit).
+    job_timeout: float | None = None
     #: True while a job is being post-processed.
     busy: bool = False
 
@@ -57,23 +60,89 @@ class PostProcessor:
         raise RuntimeError("the post-processor's channel closed")
 
     async def process(self, job: Job, refs: Sequence[ImageRef]) -> None:
+        """Fetch the images, make and write the result, and complete the job (or fail it
+        with the one-line reason). Fetching counts against the job's time limit."""
         try:
-            if not refs:
-                raise FategenError("ComfyUI finished the job but produced no image")
-            blobs = await self.fetch(refs)
-            path = await render_result_async(blobs, self.output_dir, job.id, quality=self.quality)
+            path = None
+            if job.attempts > 1:  # an earlier run may have written it before a crash
+                path = await trio.to_thread.run_sync(
+                    existing_result, self.output_dir, job.id, limiter=RENDER_LIMITER
+                )
+            if path is None:
+                if not refs:
+                    raise FategenError("ComfyUI finished the job but produced no image")
+                blobs = await self._fetch_in_time(job, refs)
+                path = await render_result_async(
+                    blobs, self.output_dir, job.id, quality=self.quality
+                )
         except FategenError as exc:
-            await self.store.update(
-                job, status=JobStatus.FAILED, error=str(exc), finished=time.time()
-            )
-            log.info("job %s failed: %s", job.id, exc)
+            if await self.store.update(
+                job,
+                expect=(JobStatus.PROCESSING,),
+                status=JobStatus.FAILED,
+                error=str(exc),
+                finished=time.time(),
+            ):
+                log.info("job %s failed: %s", job.id, exc)
             return
         finished = time.time()
         await self.store.update(
-            job, status=JobStatus.COMPLETED, result=path.name, finished=finished
+            job,
+            expect=(JobStatus.PROCESSING,),
+            status=JobStatus.COMPLETED,
+            result=path.name,
+            finished=finished,
         )
         took = finished - (job.started or finished)
         log.info("job %s finished in %.1f s: %s", job.id, took, path.name)
+
+    async def _fetch_in_time(self, job: Job, refs: Sequence[ImageRef]) -> list[bytes]:
+        if self.job_timeout is None:
+            return await self.fetch(refs)
+        spent = time.time() - (job.started or time.time())
+        with trio.move_on_after(max(self.job_timeout - spent, 0.0)):
+            return await self.fetch(refs)
+        raise FategenError(
+            f"the job ran longer than {self.job_timeout:g} s (its images could not be "
+            "fetched from ComfyUI in time), so it was stopped"
+        )
+
+
+def existing_result(out_dir: Path, job_id: str) -> Path | None:
+    """The job's result file if a complete one is there already (blocking).
+
+    fategen may have died between writing the file and recording the job's completion; the
+    file is whole (it is written atomically) and is the job's result. One that does not
+    decode is removed, to be written again.
+    """
+    path = result_path(out_dir, job_id)
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        return None
+    except Exception:  # Pillow raises many kinds for a broken file
+        log.warning("removing the unreadable result file %s; it is made again", path)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    log.info("job %s: its result %s was already written; using it", job_id, path.name)
+    return path
+
+
+def remove_partial_results(out_dir: Path) -> int:
+    """Delete temporary files a crash left mid-write (``.<id>.webp.<hex>.tmp``); how many
+    (blocking: run at start-up)."""
+    removed = 0
+    for temp in out_dir.glob(".*.webp.*.tmp"):
+        try:
+            temp.unlink()
+            removed += 1
+        except OSError as exc:
+            log.warning("could not remove %s: %s", temp, exc.strerror)
+    if removed:
+        log.info("removed %d partial result file(s) left by a crash", removed)
+    return removed
 
 
 #: errno values meaning "this filesystem cannot make hard links".

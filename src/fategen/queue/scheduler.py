@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import NoReturn, cast
+from typing import Any, NoReturn, cast
 
 import attrs
 import trio
@@ -114,12 +114,20 @@ class Scheduler:
         raise RuntimeError("the scheduler's request channel closed")
 
 
-def requeue_interrupted(job: Job) -> dict[str, object]:
-    """Changes for a job found processing after a restart: run again once, else fail."""
-    if job.attempts >= 2:
+def requeue_interrupted(job: Job) -> dict[str, Any]:
+    """Changes for a job found processing after a restart.
+
+    ComfyUI had finished it (``generated``): queued again, to be followed to its stored
+    result and have its image made; it was not interrupted. Otherwise ComfyUI was executing
+    it: it runs again (followed where ComfyUI still has it), once; interrupted a second
+    time, it fails.
+    """
+    if job.generated is not None:
+        return {"status": JobStatus.QUEUED, "started": None}
+    if job.interruptions >= 1:
         return {
             "status": JobStatus.FAILED,
             "error": "the job was interrupted twice (fategen restarted while it ran); giving up",
             "finished": time.time(),
         }
-    return {"status": JobStatus.QUEUED, "started": None}
+    return {"status": JobStatus.QUEUED, "started": None, "interruptions": job.interruptions + 1}

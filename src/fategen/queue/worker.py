@@ -57,6 +57,9 @@ class ComfyWorker:
     _scopes: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
     #: Jobs the follower is running right now (normally one).
     running: set[str] = attrs.field(factory=set, init=False)
+    #: Jobs the submitter or follower holds (from dispatch to the hand-over to the
+    #: post-processor, or their end).
+    _held: set[str] = attrs.field(factory=set, init=False)
     #: The job posted to ComfyUI ahead of the running one, not yet followed.
     _ahead: Job | None = attrs.field(default=None, init=False)
 
@@ -72,17 +75,34 @@ class ComfyWorker:
         raise RuntimeError("the comfy worker stopped")
 
     # -- cancel ---------------------------------------------------------------------------
-    async def cancel(self, job: Job, by: str) -> None:
-        """Cancel a dispatched or running job (deleted from ComfyUI's queue or interrupted)."""
+    async def cancel(self, job: Job, by: str) -> bool:
+        """Cancel a job dispatched to this worker, at whatever stage it is.
+
+        Returns False when it is too late: ComfyUI has finished the job and its image is
+        being made. Otherwise the job ends ``cancelled`` and never starts: dispatched but not
+        started, it is cancelled here and now (whoever holds it drops it, and it is deleted
+        from ComfyUI's queue); running, its follow is cancelled and the prompt interrupted,
+        and the follower records the cancel at once.
+        """
+        if job.generated is not None or job.status.finished:
+            return False
         self._cancels[job.id] = by
+        cancelled = await self.store.update(
+            job,
+            expect=(JobStatus.QUEUED,),
+            status=JobStatus.CANCELLED,
+            cancelled_by=by,
+            finished=time.time(),
+        )
+        if cancelled:
+            log.info("job %s cancelled by %s before it started", job.id, by)
         scope = self._scopes.get(job.id)
-        await self.stop_on_comfy(job.id)
         if scope is not None:
             scope.cancel()
-        elif self._ahead is job:
-            # Posted ahead and out of ComfyUI's queue now: end it without waiting for the
-            # running job (the follower skips it when it comes up).
-            await self._finish_cancelled(job)
+        await self.stop_on_comfy(job.id)
+        if job.id not in self._held:  # nobody holds it any more to read the cancel
+            self._cancels.pop(job.id, None)
+        return True
 
     async def stop_on_comfy(self, job_id: str, what: str = "cancel") -> None:
         """Take a prompt out of ComfyUI: deleted from its queue, or interrupted if it runs
@@ -93,18 +113,24 @@ class ComfyWorker:
             log.warning("could not %s job %s on ComfyUI: %s", what, job_id, exc)
 
     async def _finish_cancelled(self, job: Job) -> None:
-        by = self._cancels.pop(job.id, "unknown")
+        """Record the cancel of a job this worker holds (it may be cancelled already)."""
+        by = self._cancels.get(job.id, "unknown")
         self.session.forget(job.id)  # a prompt cancelled before it was followed
-        if job.status.finished:
-            return
-        await self.store.update(
+        if await self.store.update(
             job, status=JobStatus.CANCELLED, cancelled_by=by, finished=time.time()
-        )
-        log.info("job %s cancelled by %s", job.id, by)
+        ):
+            log.info("job %s cancelled by %s", job.id, by)
+
+    def _release(self, job: Job) -> None:
+        """The worker is done with a job (any outcome, or handed to the post-processor)."""
+        self._held.discard(job.id)
+        self._cancels.pop(job.id, None)
+        self.running.discard(job.id)
+        self.scheduler.done(job)
 
     async def _fail(self, job: Job, error: str) -> None:
-        await self.store.update(job, status=JobStatus.FAILED, error=error, finished=time.time())
-        log.info("job %s failed: %s", job.id, error)
+        if await self.store.update(job, status=JobStatus.FAILED, error=error, finished=time.time()):
+            log.info("job %s failed: %s", job.id, error)
 
     async def withdraw_submitted(self) -> None:
         """Shutdown: take the prompt posted ahead back out of ComfyUI's queue (it stays queued
@@ -125,8 +151,9 @@ class ComfyWorker:
         async with submitted:
             while True:
                 job = await self._next_job()
+                self._held.add(job.id)
                 if not await self._submit(job):
-                    self.scheduler.done(job)
+                    self._release(job)
                     continue
                 self._ahead = job
                 try:
@@ -135,9 +162,10 @@ class ComfyWorker:
                     self._ahead = None
 
     async def _submit(self, job: Job) -> bool:
-        """Post the job's prompt; False when the job already ended (failed or cancelled)."""
-        if job.id in self._cancels:
-            await self._finish_cancelled(job)
+        """Post the job's prompt; False when the job has ended (failed, or cancelled: after
+        every wait the job's status is read again, and a cancelled job is not posted, or is
+        taken back out of ComfyUI)."""
+        if job.status.finished:  # cancelled after it was dispatched
             return False
         spec = self.config.models[job.model]
         try:
@@ -150,18 +178,23 @@ class ComfyWorker:
         maybe_known = job.attempts > 0 or job.id in self.store.recovered
         self.store.recovered.discard(job.id)
         if maybe_known and await self._known_to_comfy(job):
+            if job.ended():  # cancelled during the look-up
+                await self.stop_on_comfy(job.id)
+                return False
             log.info("job %s is already known to ComfyUI; following it", job.id)
             return True
-        # On disk before the post: after a crash, the job is looked up in ComfyUI (and goes first).
-        await self.store.update(job, submitted=time.time())
+        # On disk before the post: after a crash, the job is looked up in ComfyUI (and goes
+        # first). Not if it was cancelled meanwhile.
+        if not await self.store.update(job, expect=(JobStatus.QUEUED,), submitted=time.time()):
+            return False
         try:
             await self.session.submit(workflow, prompt_id=job.id)
         except FategenError as exc:
             await self._fail(job, str(exc))
             return False
-        if job.id in self._cancels:  # cancelled while it was being posted
+        if job.ended():  # cancelled while it was being posted
             await self.stop_on_comfy(job.id)
-            await self._finish_cancelled(job)
+            self.session.forget(job.id)
             return False
         return True
 
@@ -178,24 +211,24 @@ class ComfyWorker:
                 try:
                     await self._follow(job)
                 finally:
-                    self.scheduler.done(job)
-                    self.running.discard(job.id)
+                    self._release(job)
 
     async def _follow(self, job: Job) -> None:
-        if job.status.finished:  # cancelled while it waited ahead
-            return
-        if job.id in self._cancels:
-            await self._finish_cancelled(job)
-            return
         attempts = job.attempts + 1
-        await self.store.update(
+        # The hand-over from queued to processing is one transition: a job cancelled while
+        # it waited ahead (or at this very moment) does not start.
+        started = await self.store.update(
             job,
+            expect=(JobStatus.QUEUED,),
             status=JobStatus.PROCESSING,
             started=time.time(),
             attempts=attempts,
             progress_value=0,
             progress_max=0,
         )
+        if not started:
+            self.session.forget(job.id)
+            return
         self.running.add(job.id)
         log.info(
             "job %s started (%s, %d image(s), attempt %d)",
@@ -211,6 +244,8 @@ class ComfyWorker:
         refs: list[ImageRef] | None = None
         with trio.CancelScope() as scope:
             self._scopes[job.id] = scope
+            if job.id in self._cancels:
+                scope.cancel()
             try:
                 refs = await self.session.follow(job.id, progress)
             except ComfyUnavailable as exc:
@@ -219,7 +254,11 @@ class ComfyWorker:
                 elif attempts < MAX_ATTEMPTS:
                     log.warning("job %s lost by ComfyUI (%s); queued to run again", job.id, exc)
                     await self.store.update(
-                        job, status=JobStatus.QUEUED, started=None, submitted=None
+                        job,
+                        expect=(JobStatus.PROCESSING,),
+                        status=JobStatus.QUEUED,
+                        started=None,
+                        submitted=None,
                     )
                     self.scheduler.wake()
                     return
@@ -232,8 +271,13 @@ class ComfyWorker:
                     return
             finally:
                 del self._scopes[job.id]
-        if job.id in self._cancels:
+        if job.id not in self._cancels:
+            assert refs is not None, scope
+            # ComfyUI is done with it: from now on a restart only makes its image, and a
+            # cancel is too late.
+            await self.store.update(job, expect=(JobStatus.PROCESSING,), generated=time.time())
+        if job.id in self._cancels:  # cancelled during the follow (or just after it)
             await self._finish_cancelled(job)
             return
-        assert refs is not None, scope
+        assert refs is not None
         await self.results.send((job, refs))

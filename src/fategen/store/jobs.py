@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +172,21 @@ class JobStore:
             self._idempotency[(job.nick, job.idempotency_key)] = job.id
         self._changed_now(job)
 
-    async def update(self, job: Job, **changes: Any) -> None:
-        """Apply ``changes`` to the job, persist, then make them visible and wake waiters."""
+    async def update(
+        self, job: Job, *, expect: Collection[JobStatus] | None = None, **changes: Any
+    ) -> bool:
+        """Apply ``changes`` to the job, persist, then make them visible and wake waiters.
+
+        The one place a job's state changes. A finished job's status never changes again,
+        and with ``expect`` the update happens only if the job's status is one of those, so
+        a job cancelled meanwhile cannot be started or completed. Returns whether the
+        changes were applied.
+        """
         async with self._write_lock:
+            if expect is not None and job.status not in expect:
+                return False
+            if "status" in changes and job.status.finished:
+                return False
             # Built under the lock: a concurrent update of the same job must not be
             # overwritten on disk by a copy taken before it was applied.
             candidate = attrs.evolve(job, **changes)
@@ -182,6 +194,7 @@ class JobStore:
             for name, value in changes.items():
                 setattr(job, name, value)
         self._changed_now(job)
+        return True
 
     def set_progress(self, job: Job, value: int, maximum: int) -> None:
         """Progress is not persisted (it is meaningless after a restart)."""

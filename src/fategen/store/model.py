@@ -50,10 +50,21 @@ class Job:
     submitted: float | None = None
     cancelled_by: str | None = None
     idempotency_key: str | None = None
+    #: When ComfyUI finished the job's prompt (written before its images are fetched): a job
+    #: found processing after a restart with this set was not interrupted, it only lacks its
+    #: image; and a cancel after it is too late.
+    generated: float | None = None
+    #: How many times fategen stopped while ComfyUI was executing the job (two fail it).
+    interruptions: int = 0
 
     @property
     def model(self) -> str:
         return self.request.model
+
+    def ended(self) -> bool:
+        """Whether the job has finished. A method, not a property, so that a type checker
+        does not carry an earlier answer across the ``await`` that may have changed it."""
+        return self.status.finished
 
     @staticmethod
     def new_id() -> str:
