@@ -236,3 +236,124 @@ async def test_a_second_kill_during_the_same_job_fails_it_and_stops_it(tmp_path:
         (stuck, "interrupted"),
         (after, "success"),
     ]
+
+
+def _rows(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """Every job as the service's database holds it (read while the service is down)."""
+    import json
+
+    with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as raw:
+        rows = raw.execute("SELECT id, body FROM jobs").fetchall()
+    return {job_id: json.loads(body) for job_id, body in rows}
+
+
+async def wait_generated(tmp_path: Path, count: int) -> None:
+    """Until ``count`` jobs are generated on ComfyUI but not yet completed (post-processing)."""
+    while True:
+        try:
+            rows = _rows(tmp_path)
+        except sqlite3.OperationalError:  # busy: the service is writing
+            rows = {}
+        busy = [r for r in rows.values() if r["generated"] and r["status"] == "processing"]
+        if len(busy) >= count:
+            return
+        await trio.sleep(0.005)
+
+
+async def test_kill_during_post_processing_fails_no_job(tmp_path: Path) -> None:
+    """Jobs ComfyUI had finished (their images being fetched and encoded, or waiting for
+    that) are not "interrupted" by a kill: after the restart their images are made from
+    ComfyUI's history, and none runs again on ComfyUI. A result file written just before
+    the kill is the job's result; partial files are removed."""
+    knobs = SimulatorKnobs(step_seconds=0.002, model_load_seconds=0.0)
+    big = "-m tiny -w 1024 -h 1024 -c 4"
+    with trio.fail_after(40):
+        async with open_setup(tmp_path, knobs) as (sim, service):
+            await service.start()
+            ids = [
+                (await submit(service.url, f"big {i} {big}", f"u{i}"))["job_id"] for i in range(6)
+            ]
+            await wait_generated(tmp_path, 2)
+            await service.kill()
+            rows = _rows(tmp_path)
+            generated = [
+                i for i in ids if rows[i]["generated"] and rows[i]["status"] == "processing"
+            ]
+            assert len(generated) >= 2
+            # As if the kill had come between writing a result and recording it, and while
+            # another was half-written.
+            output = tmp_path / "output"
+            written, partial = generated[0], generated[1]
+            picture = output / f"{written}.webp"
+            if not picture.exists():
+                from PIL import Image
+
+                Image.new("RGB", (64, 32), (1, 2, 3)).save(picture, format="WEBP")
+            before = picture.read_bytes()
+            leftover = output / f".{partial}.webp.0123456789abcdef.tmp"
+            leftover.write_bytes(b"half an image")
+
+            await service.start()
+            done = [await wait_done(service.url, i) for i in ids]
+            log = service.log()
+    assert [d["status"] for d in done] == ["completed"] * len(ids), [d["error"] for d in done]
+    assert executions(sim) == Counter(ids), "no prompt ran twice on ComfyUI"
+    assert picture.read_bytes() == before, "the result written before the kill was kept"
+    assert not leftover.exists()
+    assert sorted(p.name for p in output.iterdir()) == sorted(f"{i}.webp" for i in ids)
+    assert "ComfyUI had finished it; making its image" in log
+    assert "interrupted" not in " ".join(str(d["error"]) for d in done)
+
+
+KILLS = int(os.environ.get("FATEGEN_TEST_KILLS", "50"))
+
+
+async def test_random_kills_under_submit_bursts_lose_fail_and_repeat_nothing(
+    tmp_path: Path,
+) -> None:
+    """The goal of the crash work: SIGKILLs at random instants while bots submit in bursts.
+    Every accepted job completes (none lost), no prompt runs twice on ComfyUI, no job fails
+    unless ComfyUI was executing it at two kills, and no partial or orphan file is left."""
+    import random
+
+    rng = random.Random(20261201)
+    knobs = SimulatorKnobs(step_seconds=0.004, model_load_seconds=0.002)
+    accepted: list[str] = []
+    kills: list[float] = []
+    with trio.fail_after(30 + KILLS * 4):
+        async with open_setup(tmp_path, knobs) as (sim, service):
+
+            async def one(nick: str, n: int) -> None:
+                count = rng.choice([1, 1, 2, 4])
+                try:
+                    body = await submit(service.url, f"burst {n} {JOB} -c {count}", nick)
+                except (httpx.TransportError, AssertionError):
+                    return  # not accepted: the service died before it answered
+                accepted.append(body["job_id"])
+
+            for k in range(KILLS):
+                await service.start()
+                async with trio.open_nursery() as nursery:
+                    for n in range(rng.randint(2, 6)):
+                        nursery.start_soon(one, f"nick{rng.randrange(12)}", k * 10 + n)
+                    await trio.sleep(rng.uniform(0.0, 0.4))
+                    kills.append(trio.current_time())
+                    await service.kill()
+            await service.start()
+            # Also the jobs whose answer the kill cut off: they are on disk, so they run too.
+            every = list(dict.fromkeys([*accepted, *_rows(tmp_path)]))
+            done = {i: await wait_done(service.url, i) for i in every}
+            log = service.log()
+    assert len(accepted) > KILLS, "the bursts got jobs in"
+    statuses = Counter(d["status"] for d in done.values())
+    failed = {i: d["error"] for i, d in done.items() if d["status"] != "completed"}
+    for job_id in failed:
+        spans = [(e.started, e.finished) for e in sim.executions if e.prompt_id == job_id]
+        during = [t for t in kills if any(a <= t <= b for a, b in spans)]
+        assert len(during) >= 2, (job_id, failed[job_id], spans, statuses)
+    ran = executions(sim)
+    assert all(ran[i] == 1 for i in done), [i for i in done if ran[i] != 1]
+    output = tmp_path / "output"
+    expected = {f"{i}.webp" for i, d in done.items() if d["status"] == "completed"}
+    assert {p.name for p in output.iterdir()} == expected, "no partial or orphan files"
+    assert "Traceback" not in log

@@ -220,6 +220,35 @@ async def test_comfy_errors_fail_the_job_clearly(tmp_path: Path, fault: str, nee
             assert len(list(output.iterdir())) == 1
 
 
+@pytest.mark.parametrize(
+    ("knob", "value", "needle"),
+    [
+        ("view_trickle_seconds", 0.4, "did not answer the image"),
+        ("view_extra_bytes", 2 * 2**30, "is larger than 2 MiB"),
+    ],
+    ids=["trickling-view", "2-GiB-view"],
+)
+async def test_comfy_answers_are_bounded_in_time_and_size(
+    tmp_path: Path, knob: str, value: float, needle: str
+) -> None:
+    """A /view trickling a byte at a time kept the job processing forever (and every job
+    behind it); a 2 GiB /view took the service to 4 GiB. Both now fail the job in one line,
+    and the next job runs."""
+    env = {"FATEGEN_COMFYUI_CALL_TIMEOUT": "1.5", "FATEGEN_COMFYUI_MAX_RESPONSE_MIB": "2"}
+    with trio.fail_after(30):
+        async with open_stack(tmp_path, **env) as stack:
+            setattr(stack.sim.knobs, knob, value)
+            doomed = (await stack.submit(f"doomed {TINY}"))["job_id"]
+            done = await stack.wait(doomed)
+            assert done["status"] == "failed", done
+            assert needle in done["error"], done["error"]
+            setattr(stack.sim.knobs, knob, type(value)(0))
+            behind = (await stack.submit(f"behind {TINY}", "bob"))["job_id"]
+            assert (await stack.wait(behind))["status"] == "completed"
+            assert_settled(stack.running.store)
+            assert no_stray_files(stack.running.settings.output_dir) == []
+
+
 async def test_output_folder_replaced_by_a_file(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with open_stack(tmp_path) as stack:

@@ -36,7 +36,7 @@ from fategen.queue.postprocess import PostProcessor, remove_partial_results
 from fategen.queue.scheduler import Scheduler, requeue_interrupted
 from fategen.queue.worker import ComfyWorker
 from fategen.settings import Settings
-from fategen.store.jobs import Job, JobStatus, JobStore
+from fategen.store.jobs import Job, JobStore
 from fategen.store.retention import Pruner
 from fategen.store.sqlite import JobDB
 
@@ -122,10 +122,8 @@ class Service:
         """
         try:
             async with self.http, trio.open_nursery() as nursery:
-                abandoned = await self._recover()
+                await self._recover()
                 await nursery.start(self.session.run)
-                if abandoned:
-                    nursery.start_soon(self._abandon, abandoned)
                 await nursery.start(self.watchdog.run)
                 if self.store.active:
                     self.watchdog.notify_busy()
@@ -150,21 +148,15 @@ class Service:
             self.stopped.set()
         log.info("fategen stopped")
 
-    async def _recover(self) -> list[str]:
-        """Load the jobs; requeue those interrupted once, fail the others (their ids)."""
-        abandoned = []
+    async def _recover(self) -> None:
+        """Load the jobs and queue again, first, those that were processing."""
         for job in await self.store.load():
-            changes = requeue_interrupted(job)
             if job.generated is not None:
                 outcome = "ComfyUI had finished it; making its image"
-            elif changes["status"] is JobStatus.QUEUED:
-                outcome = "running it again"
             else:
-                outcome = "failed"
+                outcome = "asking ComfyUI about it before it goes on"
             log.warning("job %s was processing when fategen stopped: %s", job.id, outcome)
-            await self.store.update(job, **changes)
-            if job.status is JobStatus.FAILED:
-                abandoned.append(job.id)
+            await self.store.update(job, **requeue_interrupted(job))
         self.store.recovered = {j.id for j in self.store.queued()}
         self.scheduler.restore(self.store.all_jobs())
         # The same WebSocket client id as before a restart: ComfyUI sends the events of the
@@ -174,13 +166,6 @@ class Service:
             client_id = self.session.client_id
             await self.db.run(self.db.set_meta, "comfyui_client_id", client_id)
         self.session.client_id = client_id
-        return abandoned
-
-    async def _abandon(self, job_ids: list[str]) -> None:
-        """Stop jobs given up after a restart on ComfyUI too (they may still run there)."""
-        for job_id in job_ids:
-            with trio.move_on_after(10):
-                await self.worker.stop_on_comfy(job_id, "stop abandoned")
 
     async def _check_setup(self) -> None:
         """Once ComfyUI is reachable, warn about node types and checkpoints it lacks."""
@@ -249,6 +234,8 @@ def build_service(settings: Settings) -> Service:
         connect_timeout=settings.connect_timeout,
         stall_timeout=settings.stall_timeout,
         job_timeout=settings.job_timeout,
+        call_timeout=settings.comfyui_call_timeout,
+        max_response_bytes=settings.comfyui_max_response_mib * 2**20,
     )
     scheduler = Scheduler(store, policy, requests_rx)
     worker = ComfyWorker(store, scheduler, session, config, templates, requests_tx, results_tx)

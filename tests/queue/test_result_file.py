@@ -109,8 +109,25 @@ def test_render_result(tmp_path: Path) -> None:
     with Image.open(path) as image:
         assert image.format == "WEBP"
         assert image.size == (128, 128)
-    with pytest.raises(ImageError, match="already exists"):
-        render_result(blobs, tmp_path, "job-1")
+
+
+def test_a_complete_result_already_there_is_the_jobs_result(tmp_path: Path) -> None:
+    """fategen died between writing the file and recording the job: rendering the job again
+    keeps that file (it was written atomically), instead of failing with "already exists"."""
+    blobs = [png(solid(c, (64, 64))) for c in (RED, GREEN)]
+    first = render_result(blobs, tmp_path, "job-1")
+    before = first.read_bytes()
+    again = render_result([png(solid(BLUE, (32, 32)))], tmp_path, "job-1")
+    assert again == first and again.read_bytes() == before
+    assert files(tmp_path) == ["job-1.webp"]
+
+
+def test_an_unreadable_file_of_that_name_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "job-9.webp").write_bytes(b"RIFF not really")
+    path = render_result([png(solid(GREEN, (16, 16)))], tmp_path, "job-9")
+    with Image.open(path) as image:
+        assert image.size == (16, 16)
+    assert files(tmp_path) == ["job-9.webp"]
 
 
 def test_render_result_corrupt_writes_nothing(tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ from fategen.comfy.images import ImageFetcher, images_from_entry
 from fategen.comfy.reconcile import Whereabouts, locate
 from fategen.comfy.tracker import OnProgress, Stalled, Tracker
 from fategen.comfy.wire import (
+    CALL_TIMEOUT,
+    MAX_RESPONSE_BYTES,
     ComfyMessage,
     ComfyRest,
     ImageRef,
@@ -92,6 +94,8 @@ class ComfySession:
             prompt waits in ComfyUI's queue, any message from ComfyUI counts as an event.
         job_timeout: seconds a prompt may take from :meth:`follow` to its end.
         backoff_initial, backoff_max: reconnection delays (doubling, capped).
+        call_timeout: seconds any one REST call may take in all, its body included.
+        max_response_bytes: the largest REST answer taken (an image, ``/history``, ...).
     """
 
     def __init__(
@@ -105,11 +109,18 @@ class ComfySession:
         job_timeout: float = 900,
         backoff_initial: float = 0.5,
         backoff_max: float = 30,
+        call_timeout: float = CALL_TIMEOUT,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=30)
-        self.rest = ComfyRest(self.base_url, self._http)
+        self.rest = ComfyRest(
+            self.base_url,
+            self._http,
+            call_timeout=call_timeout,
+            max_response_bytes=max_response_bytes,
+        )
         self.connect_timeout = connect_timeout
         self.stall_timeout = stall_timeout
         self.job_timeout = job_timeout

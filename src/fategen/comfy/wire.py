@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 import httpx
+import trio
 
 from fategen.errors import ComfyError, ComfyUnavailable, ImageError
 
@@ -230,8 +231,10 @@ def parse_message(text: str) -> ComfyMessage | None:
         if not isinstance(data, Mapping):
             return None
         return build(data)
-    except (ValueError, TypeError, KeyError, AttributeError):
-        log.debug("ignoring a malformed ComfyUI message: %.200s", text)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
+        # JSON that is no message (a number, 1e999, nesting past the parser's depth): one
+        # line, and the connection goes on.
+        log.warning("ignoring a malformed ComfyUI message: %.200s", text)
         return None
 
 
@@ -404,12 +407,51 @@ def history_failure(entry: Mapping[str, Any], workflow: Mapping[str, Any]) -> st
 # --- REST ---------------------------------------------------------------------------------------
 
 
-class ComfyRest:
-    """The REST calls fategen makes. Transport failures become :class:`ComfyUnavailable`."""
+#: Defaults for `ComfyRest`: a whole call's time limit, and the largest answer taken.
+CALL_TIMEOUT = 60.0
+MAX_RESPONSE_BYTES = 128 * 2**20
 
-    def __init__(self, base_url: str, http: httpx.AsyncClient) -> None:
+
+class _TooLarge(Exception):
+    """Internal: an answer passed the size limit."""
+
+
+@attrs.frozen
+class Answer:
+    """One REST answer from ComfyUI, its body read whole (within the size limit)."""
+
+    status_code: int
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+class ComfyRest:
+    """The REST calls fategen makes. Transport failures become :class:`ComfyUnavailable`.
+
+    Every call is bounded: it must be over, body and all, within ``call_timeout`` seconds
+    (httpx's own timeouts apply to each read, so a body trickling a byte at a time would
+    otherwise hold a job forever), and its body may be at most ``max_response_bytes`` (it is
+    read as a stream and given up past the limit, so a huge answer costs no memory).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        http: httpx.AsyncClient,
+        *,
+        call_timeout: float = CALL_TIMEOUT,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = http
+        self.call_timeout = call_timeout
+        self.max_response_bytes = max_response_bytes
 
     async def _request(
         self,
@@ -420,25 +462,51 @@ class ComfyRest:
         json_body: Any = None,
         params: Mapping[str, str] | None = None,
         ok: Iterable[int] = (200,),
-    ) -> httpx.Response:
+    ) -> Answer:
         try:
-            response = await self.http.request(
-                method, self.base_url + path, json=json_body, params=params
-            )
+            with trio.fail_after(self.call_timeout):
+                answer = await self._read(method, path, json_body, params)
+        except trio.TooSlowError:
+            raise ComfyUnavailable(
+                f"ComfyUI at {self.base_url} did not answer {what} within {self.call_timeout:g} s"
+            ) from None
+        except _TooLarge:
+            raise ComfyError(
+                f"ComfyUI's answer to {what} is larger than "
+                f"{self.max_response_bytes / 2**20:g} MiB, the most fategen takes "
+                f"(FATEGEN_COMFYUI_MAX_RESPONSE_MIB)"
+            ) from None
         except httpx.TransportError as exc:
             reason = str(exc) or type(exc).__name__
             raise ComfyUnavailable(
                 f"cannot reach ComfyUI at {self.base_url} ({what}): {reason}"
             ) from exc
-        if response.status_code not in ok and response.status_code >= 500:
-            raise ComfyError(f"ComfyUI answered {response.status_code} to {what}")
-        return response
+        if answer.status_code not in ok and answer.status_code >= 500:
+            raise ComfyError(f"ComfyUI answered {answer.status_code} to {what}")
+        return answer
+
+    async def _read(
+        self, method: str, path: str, json_body: Any, params: Mapping[str, str] | None
+    ) -> Answer:
+        limit = self.max_response_bytes
+        async with self.http.stream(
+            method, self.base_url + path, json=json_body, params=params
+        ) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _TooLarge
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise _TooLarge
+            return Answer(response.status_code, bytes(body))
 
     @staticmethod
-    def _json(response: httpx.Response, what: str) -> Any:
+    def _json(response: Answer, what: str) -> Any:
         try:
             return response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ComfyError(f"ComfyUI sent an unreadable answer to {what}") from None
 
     async def post_prompt(
@@ -456,7 +524,7 @@ class ComfyRest:
             return
         try:
             payload: Any = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             payload = response.text
         raise ComfyError(prompt_error_sentence(response.status_code, payload, workflow))
 

@@ -63,18 +63,10 @@ class PostProcessor:
         """Fetch the images, make and write the result, and complete the job (or fail it
         with the one-line reason). Fetching counts against the job's time limit."""
         try:
-            path = None
-            if job.attempts > 1:  # an earlier run may have written it before a crash
-                path = await trio.to_thread.run_sync(
-                    existing_result, self.output_dir, job.id, limiter=RENDER_LIMITER
-                )
-            if path is None:
-                if not refs:
-                    raise FategenError("ComfyUI finished the job but produced no image")
-                blobs = await self._fetch_in_time(job, refs)
-                path = await render_result_async(
-                    blobs, self.output_dir, job.id, quality=self.quality
-                )
+            if not refs:
+                raise FategenError("ComfyUI finished the job but produced no image")
+            blobs = await self._fetch_in_time(job, refs)
+            path = await render_result_async(blobs, self.output_dir, job.id, quality=self.quality)
         except FategenError as exc:
             if await self.store.update(
                 job,
@@ -145,6 +137,10 @@ def remove_partial_results(out_dir: Path) -> int:
     return removed
 
 
+class ResultExists(ImageError):
+    """The result file is there already (`write_atomic` never replaces a file)."""
+
+
 #: errno values meaning "this filesystem cannot make hard links".
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
@@ -187,7 +183,7 @@ def write_atomic(path: Path, data: bytes) -> None:
                 raise FileExistsError(path) from None
             os.replace(temp, path)
     except FileExistsError as exc:
-        raise ImageError(
+        raise ResultExists(
             f"cannot write the result to {path}: a file with that name already exists"
         ) from exc
     except OSError as exc:
@@ -213,15 +209,26 @@ def render_result(
 ) -> Path:
     """Decode, grid, encode and write ``out_dir / f"{job_id}.webp"`` (blocking).
 
+    A complete file of that name already there is the job's result (an earlier run wrote
+    it and died before recording it) and is kept.
+
     Raises:
-        ImageError: corrupt input, no images, or the file cannot be written (or exists).
+        ImageError: corrupt input, no images, or the file cannot be written.
         ValueError: ``job_id`` is not a plain file name.
     """
     if not job_id or job_id.startswith(".") or any(c in job_id for c in "/\\\0"):
         raise ValueError(f"job id {job_id!r} cannot be a file name")
     image = make_grid(decode_images(blobs))
     path = result_path(out_dir, job_id)
-    write_atomic(path, encode_webp(image, quality=quality, method=method))
+    data = encode_webp(image, quality=quality, method=method)
+    try:
+        write_atomic(path, data)
+    except ResultExists:
+        # fategen died between writing this job's result and recording it: the file is
+        # whole (written atomically) and is the result. One that does not decode is
+        # removed by `existing_result` and written again.
+        if existing_result(out_dir, job_id) is None:
+            write_atomic(path, data)
     return path
 
 

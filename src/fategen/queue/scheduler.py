@@ -8,7 +8,6 @@ fair turn). Submissions and cancels of queued jobs go through the store and `wak
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any, NoReturn, cast
 
@@ -115,19 +114,13 @@ class Scheduler:
 
 
 def requeue_interrupted(job: Job) -> dict[str, Any]:
-    """Changes for a job found processing after a restart.
+    """Changes for a job found processing after a restart: it is queued again, first.
 
-    ComfyUI had finished it (``generated``): queued again, to be followed to its stored
-    result and have its image made; it was not interrupted. Otherwise ComfyUI was executing
-    it: it runs again (followed where ComfyUI still has it), once; interrupted a second
-    time, it fails.
+    ComfyUI had finished it (``generated``): it is followed to its stored result and its
+    image is made; it was not interrupted. Otherwise it counts one more interruption; the
+    worker asks ComfyUI before it goes on (see `fategen.queue.worker`): a job ComfyUI is
+    still executing after its second interruption fails, one ComfyUI finished completes.
     """
     if job.generated is not None:
         return {"status": JobStatus.QUEUED, "started": None}
-    if job.interruptions >= 1:
-        return {
-            "status": JobStatus.FAILED,
-            "error": "the job was interrupted twice (fategen restarted while it ran); giving up",
-            "finished": time.time(),
-        }
     return {"status": JobStatus.QUEUED, "started": None, "interruptions": job.interruptions + 1}

@@ -30,6 +30,11 @@ log = logging.getLogger("fategen.worker")
 
 #: A job is run at most this many times when ComfyUI loses it (dies mid-job, restart).
 MAX_ATTEMPTS = 2
+#: A job ComfyUI is still executing when fategen comes back for the second time fails.
+MAX_INTERRUPTIONS = 2
+INTERRUPTED_TWICE = "the job was interrupted twice (fategen restarted while it ran); giving up"
+#: Starts of one job (restarts of fategen during it included) before it is given up.
+MAX_STARTS = 5
 
 
 class Session(Protocol):
@@ -177,12 +182,25 @@ class ComfyWorker:
             return False
         maybe_known = job.attempts > 0 or job.id in self.store.recovered
         self.store.recovered.discard(job.id)
-        if maybe_known and await self._known_to_comfy(job):
+        if maybe_known:
+            state = await self._comfy_state(job)
             if job.ended():  # cancelled during the look-up
                 await self.stop_on_comfy(job.id)
                 return False
-            log.info("job %s is already known to ComfyUI; following it", job.id)
-            return True
+            if job.interruptions >= MAX_INTERRUPTIONS and state == "running":
+                # Executing on ComfyUI at two restarts of fategen: it may be what kills it.
+                await self.stop_on_comfy(job.id, "stop")
+                await self._fail(job, INTERRUPTED_TWICE)
+                return False
+            if job.attempts >= MAX_STARTS:
+                await self.stop_on_comfy(job.id, "stop")
+                await self._fail(
+                    job, f"fategen restarted {job.attempts} times during the job; giving up"
+                )
+                return False
+            if state in ("queued", "running", "done"):
+                log.info("job %s is %s on ComfyUI; following it", job.id, state)
+                return True
         # On disk before the post: after a crash, the job is looked up in ComfyUI (and goes
         # first). Not if it was cancelled meanwhile.
         if not await self.store.update(job, expect=(JobStatus.QUEUED,), submitted=time.time()):
@@ -198,11 +216,13 @@ class ComfyWorker:
             return False
         return True
 
-    async def _known_to_comfy(self, job: Job) -> bool:
+    async def _comfy_state(self, job: Job) -> str | None:
+        """Where ComfyUI has the job's prompt (``done``, ``running``, ``queued``,
+        ``unknown``), or None if it cannot say."""
         try:
-            return await self.session.lookup(job.id) in ("queued", "running", "done")
+            return await self.session.lookup(job.id)
         except FategenError:
-            return False
+            return None
 
     # -- follower -------------------------------------------------------------------------
     async def _follower(self, submitted: trio.MemoryReceiveChannel[Job]) -> None:
@@ -214,7 +234,8 @@ class ComfyWorker:
                     self._release(job)
 
     async def _follow(self, job: Job) -> None:
-        attempts = job.attempts + 1
+        # A start counts when ComfyUI is to run the job, not when a restart finds it done.
+        attempts = job.attempts + (1 if job.generated is None else 0)
         # The hand-over from queued to processing is one transition: a job cancelled while
         # it waited ahead (or at this very moment) does not start.
         started = await self.store.update(

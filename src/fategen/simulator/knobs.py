@@ -33,7 +33,10 @@ class SimulatorKnobs:
     - ``execution_error``: the job fails in the middle with ``execution_error``.
 
     Persistent faults stay on until reset: ``http_500`` (POST /prompt answers 500 like aiohttp),
-    ``corrupt_image`` (GET /view answers bytes that are not a valid PNG).
+    ``corrupt_image`` (GET /view answers bytes that are not a valid PNG),
+    ``view_trickle_seconds`` (GET /view sends its body one byte per that many seconds) and
+    ``view_extra_bytes`` (GET /view streams that many bytes after the image, never holding
+    them in memory: a huge answer).
 
     ``caching``: like ComfyUI, nodes whose inputs did not change since the previous prompt are
     not run again (an identical resubmission is fully cached and repeats the earlier outputs).
@@ -46,6 +49,8 @@ class SimulatorKnobs:
     caching: bool = True
     http_500: bool = False
     corrupt_image: bool = False
+    view_trickle_seconds: float = 0.0
+    view_extra_bytes: int = 0
     drop_ws_mid_job: int = 0
     hang: int = 0
     execution_error: int = 0

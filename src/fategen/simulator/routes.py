@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
@@ -158,7 +158,14 @@ def create_app(sim: Simulator) -> QuartTrio:
         if stored is None:
             return empty_response(404)
         data = render.corrupt(stored.data) if sim.knobs.corrupt_image else stored.data
-        response = Response(data, 200, content_type="image/png")
+        trickle, extra = sim.knobs.view_trickle_seconds, sim.knobs.view_extra_bytes
+        response = Response(
+            _faulty_body(data, trickle, extra) if trickle or extra else data,
+            200,
+            content_type="image/png",
+        )
+        if trickle or extra:
+            response.timeout = None  # a streamed body: no response timeout
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Content-Disposition"] = f'filename="{filename}"'
         response.headers["Etag"] = stored.etag
@@ -247,3 +254,17 @@ async def _read_client(connection: Connection) -> None:
         if isinstance(flags, dict):
             connection.supports_preview_metadata = bool(flags.get("supports_preview_metadata"))
         connection.push(text_message("feature_flags", FEATURES))
+
+
+async def _faulty_body(data: bytes, trickle: float, extra: int) -> AsyncIterator[bytes]:
+    """The image's bytes one at a time ``trickle`` seconds apart, then ``extra`` bytes more."""
+    if trickle:
+        for i in range(len(data)):
+            yield data[i : i + 1]
+            await trio.sleep(trickle)
+    else:
+        yield data
+    chunk = b"\0" * 2**20
+    while extra > 0:
+        yield chunk[: min(extra, len(chunk))]
+        extra -= len(chunk)
