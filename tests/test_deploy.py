@@ -42,6 +42,17 @@ async def one_job(client: httpx.AsyncClient) -> None:
     assert image.headers["content-type"] == "image/webp"
 
 
+async def _malformed_chunked(port: int) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"GET /models HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
+        with trio.move_on_after(1):
+            while await stream.receive_some(65536):
+                pass
+
+
 async def run_and_stop(argv: list[str], env: dict[str, str], port: int, sig: int) -> str:
     proc = await trio.lowlevel.open_process(
         argv, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -58,6 +69,11 @@ async def run_and_stop(argv: list[str], env: dict[str, str], port: int, sig: int
             nursery.start_soon(read)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
                 with trio.fail_after(20):
+                    await wait_healthy(c)
+                    # Malformed chunked requests (hypercorn #203 ended the process) end
+                    # their own connections only, under either way of running.
+                    for _ in range(20):
+                        await _malformed_chunked(port)
                     await wait_healthy(c)
                 await one_job(c)
             proc.send_signal(sig)
