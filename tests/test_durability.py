@@ -305,7 +305,7 @@ async def test_kill_during_post_processing_fails_no_job(tmp_path: Path) -> None:
     assert "interrupted" not in " ".join(str(d["error"]) for d in done)
 
 
-KILLS = int(os.environ.get("FATEGEN_TEST_KILLS", "50"))
+KILLS = int(os.environ.get("DURABILITY_KILLS", "50"))
 
 
 async def test_random_kills_under_submit_bursts_lose_fail_and_repeat_nothing(

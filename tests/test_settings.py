@@ -108,8 +108,40 @@ def test_all_variables_at_once() -> None:
         assert getattr(s, attribute) == expected
 
 
-def test_unknown_variables_are_ignored() -> None:
-    assert Settings.from_env({"PATH": "/bin", "FATEGEN_NOPE": "1"}) == Settings.from_env({})
+def test_other_programs_variables_are_ignored() -> None:
+    assert Settings.from_env({"PATH": "/bin", "COMFY_X": "1"}) == Settings.from_env({})
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("FATEGEN_API_KEY", "; did you mean FATEGEN_API_KEYS?"),
+        ("FATEGEN_ADMIN_KEY", "; did you mean FATEGEN_ADMIN_KEYS?"),
+        ("COMFYUI_ADRESS", "; did you mean COMFYUI_ADDRESS?"),
+        ("FATEGEN_XYZZY_QUUX", ""),
+    ],
+)
+def test_an_unknown_fategen_variable_stops_start_up(name: str, hint: str) -> None:
+    """A typo must never silently turn authentication off."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({name: "secret-token-value"})
+    assert str(err.value) == (
+        f"{name} is not a fategen setting{hint} (fategen settings lists them all)"
+    )
+
+
+def test_an_unknown_variable_in_the_env_file_names_the_file(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("FATEGEN_API_KEY=abc\n")
+    with pytest.raises(ConfigError, match=r"FATEGEN_API_KEY \(in .*\.env\) is not"):
+        Settings.from_env({}, dotenv=env)
+
+
+def test_a_named_env_file_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "prod.env"
+    with pytest.raises(ConfigError, match=r"the settings file .*prod\.env does not exist"):
+        Settings.from_env({}, dotenv=missing, dotenv_required=True)
+    assert Settings.from_env({}, dotenv=missing) == Settings.from_env({})
 
 
 def test_home_is_expanded_in_paths(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""``fategen serve``: run the service (and, with ``--simulate``, a built-in ComfyUI simulator)."""
+"""The command line: ``fategen serve`` runs the service (with ``--simulate``, beside a built-in
+ComfyUI simulator); ``fategen init`` writes a configuration to start from."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from fategen import __version__
 from fategen.errors import ConfigError
 from fategen.settings import Settings
 
@@ -18,9 +20,21 @@ log = logging.getLogger("fategen")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fategen", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fategen",
+        description="fategen: an image-generation job service for chat bots, driving ComfyUI.",
+    )
+    parser.add_argument("--version", action="version", version=f"fategen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the service")
+    serve = sub.add_parser(
+        "serve",
+        help="run the service",
+        description=(
+            "Run the service. Settings come from environment variables, then from the .env "
+            "file (--env-file); the environment wins. 'fategen init' writes a commented "
+            "example of every setting."
+        ),
+    )
     serve.add_argument("--host", help="address to listen on (FATEGEN_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (FATEGEN_PORT)")
     serve.add_argument(
@@ -28,8 +42,72 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the built-in ComfyUI simulator and use it (no GPU needed)",
     )
-    serve.add_argument("--env-file", type=Path, default=Path(".env"), help="default: .env")
+    serve.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help="settings file (default: .env in the working directory, if there is one)",
+    )
+    init = sub.add_parser(
+        "init",
+        help="write an editable configuration to start from",
+        description=(
+            "Write config/modelConfiguration.json, workflows/*.json and a commented .env "
+            "into DIR (default: the working directory). Existing files are left alone."
+        ),
+    )
+    init.add_argument("dir", nargs="?", type=Path, default=Path("."))
+    settings = sub.add_parser(
+        "settings",
+        help="print every setting, its value and where it came from (keys masked)",
+    )
+    settings.add_argument("--env-file", type=Path, default=None, help="as for serve")
     return parser
+
+
+def print_settings(dotenv: Path, required: bool) -> int:
+    """Every setting: variable, value in force, and whether it came from the environment,
+    the settings file or the default. Keys are counted, never shown."""
+    import os
+
+    from dotenv import dotenv_values
+
+    from fategen.scaffold import variables
+
+    settings = Settings.from_env(dotenv=dotenv, dotenv_required=required)
+    in_file = dotenv_values(dotenv) if dotenv.is_file() else {}
+    for name, default in variables():
+        if name in os.environ:
+            source = "environment"
+        elif name in in_file:
+            source = str(dotenv)
+        else:
+            source = "default"
+        value = _value_of(settings, name, default)
+        print(f"{name}={value}    # {source}")
+    return 0
+
+
+def _value_of(settings: Settings, name: str, default: str) -> str:
+    import attrs
+
+    for field in attrs.fields(type(settings)):  # type: ignore[arg-type]
+        entry = field.metadata.get("environ_config")
+        if entry is not None and entry.name == name:
+            value = getattr(settings, field.name)
+            if name.endswith("_KEYS"):
+                return f"<{len(value)} key(s)>"
+            if isinstance(value, frozenset):
+                return ",".join(sorted(value))
+            return "" if value is None else str(value)
+    return default
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """Every exception inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:
@@ -75,8 +153,16 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "init":
+        from fategen.scaffold import init
+
+        return init(args.dir)
     try:
-        settings = Settings.from_env(dotenv=args.env_file)
+        if args.command == "settings":
+            dotenv = args.env_file if args.env_file is not None else Path(".env")
+            return print_settings(dotenv, args.env_file is not None)
+        dotenv = args.env_file if args.env_file is not None else Path(".env")
+        settings = Settings.from_env(dotenv=dotenv, dotenv_required=args.env_file is not None)
         changes: dict[str, object] = {}
         if args.host:
             changes["http_host"] = args.host
@@ -87,16 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fategen: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    status = 0
     try:
         trio.run(functools.partial(serve, settings, simulate=args.simulate))
-    except* ConfigError as group:
-        for error in group.exceptions:
-            print(f"fategen: {error}", file=sys.stderr)
-        status = 2
-    except* KeyboardInterrupt:
-        status = 130
-    return status
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        config = [e for e in leaves if isinstance(e, ConfigError)]
+        if config:
+            for message in dict.fromkeys(str(e) for e in config):
+                print(f"fategen: {message}", file=sys.stderr)
+            return 2
+        if all(isinstance(e, KeyboardInterrupt) for e in leaves):
+            return 130
+        raise
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ from __future__ import annotations
 import functools
 import logging
 import resource
+import socket
+import sqlite3
+import tempfile
 from pathlib import Path
 
 import attrs
@@ -81,12 +84,52 @@ def load_configuration(settings: Settings) -> tuple[ModelConfig, dict[str, Workf
 
 
 def _prepare_output(path: Path) -> None:
-    """Create the output folder and remove what a crash left half-written in it."""
+    """Create the output folder, check it takes files, and remove what a crash left
+    half-written in it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        remove_partial_results(path)
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {path}: {exc.strerror}") from exc
+    _check_writable(path, "the output folder (FATEGEN_OUTPUT_DIR)")
+    remove_partial_results(path)
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {what} {folder}: {exc.strerror}") from None
+
+
+def _open_db(data_dir: Path) -> JobDB:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the data folder (FATEGEN_DATA_DIR) {data_dir}: {exc.strerror}"
+        ) from None
+    _check_writable(data_dir, "the data folder (FATEGEN_DATA_DIR)")
+    path = data_dir / "jobs.sqlite3"
+    try:
+        return JobDB(path)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot open the job database {path}: {exc}") from None
+
+
+def _check_comfyui_host(settings: Settings) -> None:
+    """A ComfyUI host name that does not resolve is a mistake in the settings; one that
+    resolves but does not answer is ComfyUI being down, which the service waits out."""
+    host = settings.comfyui_address.strip("[]")
+    try:
+        socket.getaddrinfo(host, settings.comfyui_port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno in (socket.EAI_AGAIN,):
+            log.warning("cannot resolve the ComfyUI host %r for now: %s", host, exc.strerror)
+            return
+        raise ConfigError(
+            f"the ComfyUI host {host!r} (COMFYUI_ADDRESS) does not resolve: {exc.strerror}"
+        ) from None
 
 
 @attrs.define(eq=False)
@@ -214,7 +257,8 @@ def build_service(settings: Settings) -> Service:
     """
     config, templates = load_configuration(settings)
     _prepare_output(settings.output_dir)
-    db = JobDB(settings.data_dir / "jobs.sqlite3")
+    _check_comfyui_host(settings)
+    db = _open_db(settings.data_dir)
     store = JobStore(db)
     policy = FairPolicy(
         max_passes=settings.affinity_max_passes,

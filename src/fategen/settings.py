@@ -6,6 +6,7 @@ variable and the value (`ConfigError`). Tests build settings with ``Settings.fro
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -119,8 +120,33 @@ def _keys(name: str) -> Callable[[Any], frozenset[str]]:
     return convert
 
 
+#: Every variable a setting reads (filled in by `_v` as the class below is defined).
+KNOWN_VARIABLES: set[str] = set()
+#: Variables with these prefixes are fategen's: one that is not known is a typo.
+PREFIXES = ("FATEGEN_", "COMFYUI_")
+
+
 def _v(name: str, default: Any, converter: Callable[[Any], Any]) -> Any:
+    KNOWN_VARIABLES.add(name)
     return environ.var(default, name=name, converter=converter)
+
+
+def _check_names(names: Mapping[str, str], dotenv: Path | None, from_file: set[str]) -> None:
+    """A ``FATEGEN_*`` or ``COMFYUI_*`` variable no setting reads is a mistake (a typo in
+    ``FATEGEN_API_KEYS`` must not silently turn authentication off)."""
+    for name in sorted(names):
+        if not name.startswith(PREFIXES) or name in KNOWN_VARIABLES:
+            continue
+        hint = ""
+        # Compared without the shared prefix, which would make every name look alike.
+        rest = {known.split("_", 1)[1]: known for known in sorted(KNOWN_VARIABLES)}
+        close = difflib.get_close_matches(name.split("_", 1)[1], list(rest), n=1, cutoff=0.7)
+        if close:
+            hint = f"; did you mean {rest[close[0]]}?"
+        where = f" (in {dotenv})" if name in from_file else ""
+        raise ConfigError(
+            f"{name}{where} is not a fategen setting{hint} (fategen settings lists them all)"
+        )
 
 
 @environ.config(prefix="", frozen=True)
@@ -221,19 +247,35 @@ class Settings:
 
     @classmethod
     def from_env(
-        cls, environment: Mapping[str, str] | None = None, *, dotenv: Path | None = None
+        cls,
+        environment: Mapping[str, str] | None = None,
+        *,
+        dotenv: Path | None = None,
+        dotenv_required: bool = False,
     ) -> Settings:
         """Read the settings: ``environment`` (default ``os.environ``) over the ``.env`` file.
+
+        ``dotenv`` may be missing unless ``dotenv_required`` (a file named on the command
+        line). Without ``FATEGEN_MODEL_CONFIG`` / ``FATEGEN_WORKFLOWS_DIR`` and with no
+        ``config/`` / ``workflows/`` in the working directory, the copies installed with
+        fategen are used.
 
         Raises:
             ConfigError: one sentence naming the variable and its value.
         """
         merged: dict[str, str] = {}
-        if dotenv is not None and dotenv.is_file():
+        if dotenv is not None and (dotenv.is_file() or dotenv_required):
             from dotenv import dotenv_values
 
+            if not dotenv.is_file():
+                raise ConfigError(f"the settings file {dotenv} does not exist")
             merged.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        from_file = set(merged)
         merged.update(os.environ if environment is None else environment)
+        _check_names(
+            merged, dotenv, from_file - set(os.environ if environment is None else environment)
+        )
+        merged = _with_shipped_defaults(merged)
         try:
             return environ.to_config(cls, environ=merged)
         except ConfigError:
@@ -245,3 +287,27 @@ class Settings:
         import attrs
 
         return attrs.evolve(self, **changes)  # type: ignore[misc]
+
+
+def shipped(name: str) -> Path:
+    """The copy of ``config`` or ``workflows`` installed with fategen: inside the package in a
+    wheel (``fategen/_data``), the repository's own in a source checkout."""
+    package = Path(__file__).resolve().parent
+    inside = package / "_data" / name
+    return inside if inside.exists() else package.parent.parent / name
+
+
+def _with_shipped_defaults(merged: dict[str, str]) -> dict[str, str]:
+    defaults = {
+        "FATEGEN_MODEL_CONFIG": ("config/modelConfiguration.json", "config"),
+        "FATEGEN_WORKFLOWS_DIR": ("workflows", "workflows"),
+    }
+    result = dict(merged)
+    for variable, (relative, name) in defaults.items():
+        if variable in result or Path(relative).exists():
+            continue
+        installed = shipped(name)
+        target = installed / "modelConfiguration.json" if name == "config" else installed
+        if target.exists():
+            result[variable] = str(target)
+    return result

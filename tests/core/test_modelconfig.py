@@ -213,3 +213,28 @@ def test_file_round_trips_through_json(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps(BASE), encoding="utf-8")
     assert load_model_config(path, templates=TEMPLATES) == parse_model_config(BASE)
+
+
+def seed_layout(base: dict[str, Any]) -> dict[str, Any]:
+    """The layout of the service fategen replaces: models beside DEFAULTS, no "models" key."""
+    return {"DEFAULTS": copy.deepcopy(base["DEFAULTS"]), **copy.deepcopy(base["models"])}
+
+
+def test_the_seed_layout_reads_the_same() -> None:
+    assert parse_model_config(seed_layout(BASE), templates=TEMPLATES) == parse_model_config(
+        BASE, templates=TEMPLATES
+    )
+
+
+def test_the_seed_layout_names_paths_without_models() -> None:
+    data = seed_layout(BASE)
+    data["paSanctuary"]["steps"] = "thirty"
+    assert 'paSanctuary.steps: expected an integer, got "thirty"' in problems(data)
+    assert "models." not in problems(data)
+    assert "at least one model" in problems({"DEFAULTS": BASE["DEFAULTS"]})
+
+
+def test_the_two_layouts_do_not_mix() -> None:
+    data = copy.deepcopy(BASE)
+    data["extra"] = copy.deepcopy(BASE["models"]["paSanctuary"])
+    assert "extra: unknown key (expected DEFAULTS and models)" in problems(data)

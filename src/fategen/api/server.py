@@ -37,6 +37,8 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
+from fategen.errors import ConfigError
+
 log = logging.getLogger("fategen.http")
 
 #: How long the last write of a response (and hypercorn's close after it) may take.
@@ -262,7 +264,13 @@ async def serve_http(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
-            sockets = config.create_sockets()
+            try:
+                sockets = config.create_sockets()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                    + (" (another program uses that port)" if exc.errno == errno.EADDRINUSE else "")
+                ) from None
             listeners = []
             binds = []
             for sock in sockets.insecure_sockets:

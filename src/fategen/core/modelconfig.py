@@ -145,9 +145,24 @@ def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) ->
     problems: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError("model configuration: expected a JSON object at the top level")
-    for key in data:
-        if key not in ("DEFAULTS", "models"):
-            problems.append(f"{key}: unknown key (expected DEFAULTS and models)")
+    if "models" in data:
+        # {"DEFAULTS": {...}, "models": {"illustriousXL": {...}, ...}}
+        prefix = "models."
+        for key in data:
+            if key not in ("DEFAULTS", "models"):
+                problems.append(f"{key}: unknown key (expected DEFAULTS and models)")
+        raw_models = data.get("models")
+        if not isinstance(raw_models, dict) or not raw_models:
+            problems.append("models: expected an object with at least one model")
+            raw_models = {}
+    else:
+        # The seed's layout: {"DEFAULTS": {...}, "illustriousXL": {...}, ...}
+        prefix = ""
+        raw_models = {k: v for k, v in data.items() if k != "DEFAULTS"}
+        if not raw_models:
+            problems.append(
+                "models: expected at least one model (under models, or beside DEFAULTS)"
+            )
     defaults: Defaults | None = None
     if "DEFAULTS" not in data:
         problems.append("DEFAULTS: required key is missing")
@@ -157,17 +172,13 @@ def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) ->
         except Exception as exc:
             problems.extend(_describe(exc, "DEFAULTS"))
     models: dict[str, ModelSpec] = {}
-    raw_models = data.get("models")
-    if not isinstance(raw_models, dict) or not raw_models:
-        problems.append("models: expected an object with at least one model")
-        raw_models = {}
     for model_id, raw in raw_models.items():
         try:
             spec = _converter.structure(raw, ModelSpec)
         except Exception as exc:
-            problems.extend(_describe(exc, f"models.{model_id}"))
+            problems.extend(_describe(exc, f"{prefix}{model_id}"))
             continue
-        problems.extend(_check_spec(model_id, spec, templates))
+        problems.extend(_check_spec(f"{prefix}{model_id}", spec, templates))
         models[model_id] = spec
     if defaults is not None:
         problems.extend(_check_defaults(defaults, raw_models))
@@ -177,8 +188,7 @@ def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) ->
     return ModelConfig(defaults=defaults, models=models)
 
 
-def _check_spec(model_id: str, spec: ModelSpec, templates: frozenset[str] | None) -> list[str]:
-    where = f"models.{model_id}"
+def _check_spec(where: str, spec: ModelSpec, templates: frozenset[str] | None) -> list[str]:
     problems = []
     if templates is not None and spec.workflow not in templates:
         known = ", ".join(sorted(templates)) or "none"
