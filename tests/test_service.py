@@ -21,7 +21,7 @@ async def test_users_models_and_counts_complete_with_grids(stack: Stack) -> None
     cases = [
         ("alice", "a red fox in snow -m tiny -w 256 -h 256 -c 1", (256, 256)),
         ("bob", "a sci-fi city at dusk -m tiny -w 320 -h 256 -c 2", (640, 256)),
-        ("carol", "a lighthouse --model lumina2 -w 256 -h 256 --count 3", (512, 512)),
+        ("carol", "a lighthouse --model lumina2 -w 256 -h 256 --count 3", (768, 256)),
         (
             "dave",
             'castle, "quoted" {json: 1} -m illustriousXL -w 256 -h 384 -c 4 --no blurry, text',
@@ -224,6 +224,9 @@ async def test_openapi_document_validates_and_lists_every_route(stack: Stack) ->
         "/health",
     } <= paths
     assert "delete" in doc["paths"]["/job/{job_id}"]
+    seed = doc["components"]["schemas"]["JobResponse"]["properties"]["seed"]
+    assert (seed["minimum"], seed["maximum"]) == (0, 2**64 - 1)
+    assert "2^53" in seed["description"]
 
     def refs(node: Any) -> list[str]:
         if isinstance(node, dict):

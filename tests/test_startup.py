@@ -224,3 +224,65 @@ async def test_the_wheel_carries_the_configuration_and_serves_with_it(tmp_path: 
         capture_stdout=True,
     )
     assert probe.stdout.decode().strip() == str(site / "fategen" / "_data" / "config")
+
+
+async def test_a_slow_simulator_lets_a_person_watch_progress_and_cancel(tmp_path: Path) -> None:
+    env = files_env(tmp_path)
+    port = int(env["FATEGEN_PORT"])
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "fategen", "serve", "--simulate", "--simulate-step-seconds", "0.3"],
+        cwd=str(tmp_path),
+        env={**BASE_ENV, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        if (await c.get("/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await trio.sleep(0.1)
+                r = await c.post("/request", json={"message": "slow -m tiny", "nick": "me"})
+                job_id = r.json()["job_id"]
+                seen = []
+                while not seen or seen[-1] < 2:
+                    job = (await c.get(f"/job/{job_id}")).json()
+                    if job["status"] == "processing" and job["progress"]["step"]:
+                        seen.append(job["progress"]["step"])
+                    await trio.sleep(0.05)
+                cancelled = await c.delete(f"/job/{job_id}", params={"nick": "me"})
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert seen[0] >= 1 and seen[-1] < 4  # caught mid-way, step by step
+    finally:
+        proc.terminate()
+        with trio.move_on_after(15):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.stderr is not None
+    log = (await proc.stderr.receive_some(1 << 20)).decode()
+    assert log.count(f"Running on http://127.0.0.1:{port}") == 1, log
+
+
+async def test_ctrl_c_stops_the_simulator_quietly(tmp_path: Path) -> None:
+    import signal
+
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "fategen.simulator", "--port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    output = b""
+    with trio.fail_after(20):
+        while b"Running on" not in output:
+            output += await proc.stdout.receive_some(65536)
+        proc.send_signal(signal.SIGINT)
+        await proc.wait()
+        async for chunk in proc.stdout:
+            output += chunk
+    assert proc.returncode == 0
+    assert b"Traceback" not in output and b"KeyboardInterrupt" not in output

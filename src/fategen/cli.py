@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -41,6 +42,29 @@ def _parser() -> argparse.ArgumentParser:
         "--simulate",
         action="store_true",
         help="also run the built-in ComfyUI simulator and use it (no GPU needed)",
+    )
+    serve.add_argument(
+        "--simulate-step-seconds",
+        type=float,
+        default=0.01,
+        metavar="S",
+        help="with --simulate: seconds per sampler step (default: 0.01; try 0.5 to watch "
+        "progress and cancel a running job)",
+    )
+    serve.add_argument(
+        "--simulate-load-seconds",
+        type=float,
+        default=0.05,
+        metavar="S",
+        help="with --simulate: seconds to load a checkpoint (default: 0.05)",
+    )
+    serve.add_argument(
+        "--simulate-checkpoint",
+        action="append",
+        dest="simulate_checkpoints",
+        metavar="NAME",
+        help="with --simulate: a checkpoint the simulator has (repeatable; default: the "
+        "shipped models' checkpoints)",
     )
     serve.add_argument(
         "--env-file",
@@ -120,7 +144,7 @@ async def _watch_signals(shutdown: trio.Event) -> None:
             shutdown.set()
 
 
-async def serve(settings: Settings, *, simulate: bool) -> None:
+async def serve(settings: Settings, *, simulate: bool, knobs: Any = None) -> None:
     from fategen.service import run_service
 
     shutdown = trio.Event()
@@ -129,7 +153,7 @@ async def serve(settings: Settings, *, simulate: bool) -> None:
         if simulate:
             from fategen.simulator import Simulator
 
-            sim = Simulator()
+            sim = Simulator(knobs)
             sim_port = await nursery.start(functools.partial(sim.serve, host="127.0.0.1", port=0))
             settings = settings.replace(comfyui_address="127.0.0.1", comfyui_port=sim_port)
             log.info("ComfyUI simulator running on 127.0.0.1:%d", sim_port)
@@ -173,8 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fategen: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    knobs = None
+    if args.simulate:
+        from fategen.simulator import SimulatorKnobs
+
+        knobs = SimulatorKnobs(
+            step_seconds=args.simulate_step_seconds,
+            model_load_seconds=args.simulate_load_seconds,
+        )
+        if args.simulate_checkpoints:
+            knobs.checkpoints = list(args.simulate_checkpoints)
     try:
-        trio.run(functools.partial(serve, settings, simulate=args.simulate))
+        trio.run(functools.partial(serve, settings, simulate=args.simulate, knobs=knobs))
     except BaseException as exc:
         leaves = _leaves(exc)
         config = [e for e in leaves if isinstance(e, ConfigError)]

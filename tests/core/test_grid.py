@@ -42,14 +42,13 @@ def test_two_side_by_side() -> None:
     assert result.getpixel((64 + 10, 10)) == GREEN
 
 
-def test_three_leaves_last_cell_black() -> None:
+def test_three_stand_in_a_row_with_no_empty_cell() -> None:
     result = make_grid([solid(RED), solid(GREEN), solid(BLUE)])
-    assert result.size == (128, 96)
+    assert result.size == (192, 48)
     assert result.getpixel((10, 10)) == RED
     assert result.getpixel((74, 10)) == GREEN
-    assert result.getpixel((10, 58)) == BLUE
-    assert result.getpixel((74, 58)) == BLACK
-    assert result.getpixel((127, 95)) == BLACK
+    assert result.getpixel((138, 47)) == BLUE
+    assert result.getpixel((191, 47)) == BLUE  # no black cell anywhere
 
 
 def test_four_on_two_by_two() -> None:
@@ -72,7 +71,7 @@ def test_unequal_sizes_are_centred_in_max_cells() -> None:
     assert result.getpixel((99, 59)) == RED
 
     tall = make_grid([solid(RED, (10, 30)), solid(GREEN, (30, 10)), solid(BLUE, (20, 20))])
-    assert tall.size == (60, 60)  # cell = 30 x 30
+    assert tall.size == (90, 30)  # cell = 30 x 30, three in a row
 
 
 def test_other_modes_are_converted() -> None:

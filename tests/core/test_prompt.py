@@ -146,7 +146,7 @@ def test_ar_keeps_pixel_count_roughly() -> None:
 def test_seed_is_drawn_from_rng_when_absent() -> None:
     first = parse_request("a fox", CONFIG, rng=random.Random(42))
     again = parse_request("a fox", CONFIG, rng=random.Random(42))
-    assert first.seed == again.seed == random.Random(42).randrange(2**64)
+    assert first.seed == again.seed == random.Random(42).randrange(2**53)
     other = parse_request("a fox", CONFIG)  # SystemRandom
     assert 0 <= other.seed <= MAX_SEED
 
@@ -400,3 +400,11 @@ def requests(draw: st.DrawFn) -> GenerationRequest:
 @given(requests())
 def test_render_parse_round_trip(request: GenerationRequest) -> None:
     assert parse_request(render_request(request), CONFIG) == request
+
+
+def test_random_seeds_fit_a_javascript_number() -> None:
+    """Drawn seeds stay below 2^53 (Discord.js reads them exactly); given ones may be larger."""
+    seeds = [parse_request("a fox", CONFIG).seed for _ in range(2000)]
+    assert all(0 <= s < 2**53 for s in seeds)
+    assert max(seeds) > 2**50  # the whole range is used, not a small corner of it
+    assert parse_request(f"a fox --seed {MAX_SEED}", CONFIG).seed == MAX_SEED

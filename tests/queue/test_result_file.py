@@ -108,7 +108,7 @@ def test_render_result(tmp_path: Path) -> None:
     assert files(tmp_path) == ["job-1.webp"]
     with Image.open(path) as image:
         assert image.format == "WEBP"
-        assert image.size == (128, 128)
+        assert image.size == (192, 64)
 
 
 def test_a_complete_result_already_there_is_the_jobs_result(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from fategen.api.common import EXTENSION, ApiState, error
 from fategen.api.frontdesk import Frontdesk, Refused
 from fategen.api.schemas import CompleteOpenAPIProvider
 from fategen.api.server import ClosingHTTPConnection
+from fategen.core.prompt import MAX_SEED
 from fategen.errors import PromptError, WorkflowError
 from fategen.settings import Settings
 
@@ -64,6 +65,9 @@ def _provider(keys_required: bool) -> type[CompleteOpenAPIProvider]:
                     "description": "The finished image",
                     "content": {"image/webp": {"schema": {"type": "string", "format": "binary"}}},
                 }
+            job = document.get("components", {}).get("schemas", {}).get("JobResponse")
+            if job is not None:
+                job["properties"]["seed"]["maximum"] = MAX_SEED
             if keys_required:
                 schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
                 schemes["bearer"] = {"type": "http", "scheme": "bearer"}

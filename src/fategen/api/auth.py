@@ -9,7 +9,7 @@ from quart import Response, request
 from fategen.api.common import error, state
 
 #: Paths anyone may read: the health check and the API documentation.
-OPEN_PATHS = ("/health", "/docs", "/redoc", "/openapi.json")
+OPEN_PATHS = ("/health", "/ready", "/docs", "/redoc", "/openapi.json")
 
 
 def key_of_request() -> str | None:
@@ -32,6 +32,14 @@ def matches(token: str | None, keys: frozenset[str]) -> bool:
 def is_admin() -> bool:
     """Whether the current request carries an admin key."""
     return matches(key_of_request(), state().settings.admin_keys)
+
+
+def may_see_details() -> bool:
+    """Whether the caller may see internals (ComfyUI's address, errors): with keys on, any
+    valid key; with keys off, a caller on this machine."""
+    if state().all_keys:
+        return matches(key_of_request(), state().all_keys)
+    return (request.remote_addr or "") in ("127.0.0.1", "::1", "localhost")
 
 
 async def authenticate() -> Response | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import attrs
+from msgspec import Meta
 from msgspec.json import schema_components
 from quart_schema import OpenAPIProvider
 
@@ -60,7 +61,14 @@ class JobResponse:
     width: int
     height: int
     count: int
-    seed: int
+    seed: Annotated[
+        int,
+        Meta(
+            ge=0,  # and at most 2^64-1: msgspec takes no bound past int64, the provider adds it
+            description="The job's seed: 0 to 2^64-1 when a user gives one; fategen draws "
+            "random seeds below 2^53, which JavaScript numbers hold exactly.",
+        ),
+    ]
     #: ISO 8601 times, UTC.
     created: str
     started: str | None
@@ -111,9 +119,11 @@ class ModelsResponse:
 
 @attrs.frozen
 class ComfyHealth:
-    url: str
     reachable: bool
-    error: str | None
+    #: ComfyUI's address and the last connection error: only for a caller with a key (or,
+    #: with keys off, one on this machine).
+    url: str | None = None
+    error: str | None = None
 
 
 @attrs.frozen
@@ -125,6 +135,14 @@ class HealthResponse:
     processing: int
 
 
+@attrs.frozen
+class ReadyResponse:
+    #: True when jobs can run now: ComfyUI is reachable and the service is not stopping.
+    ready: bool
+    #: Why not, in one sentence.
+    reason: str | None = None
+
+
 API_TYPES: tuple[type, ...] = (
     SubmitRequest,
     SubmitResponse,
@@ -132,6 +150,7 @@ API_TYPES: tuple[type, ...] = (
     JobResponse,
     ModelsResponse,
     HealthResponse,
+    ReadyResponse,
 )
 
 

@@ -202,6 +202,9 @@ def make_config(
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
+    # hypercorn's own messages through the process's logging, once (a name string makes
+    # hypercorn add a second handler of its own: every line twice).
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = keep_alive_timeout
     config.read_timeout = read_timeout  # type: ignore[assignment]  # typed int, any float works

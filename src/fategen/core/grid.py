@@ -16,12 +16,15 @@ from fategen.errors import ImageError
 
 
 def grid_shape(count: int) -> tuple[int, int]:
-    """``(columns, rows)`` for ``count`` images: 1 -> 1x1, 2 -> 2x1, 3 and 4 -> 2x2.
+    """``(columns, rows)`` for ``count`` images: 1 -> 1x1, 2 -> 2x1, 3 -> 3x1 (three in a row:
+    no empty black cell, as a 2x2 grid of three would leave), 4 -> 2x2.
 
     Beyond 4 the grid stays as square as it can (5 and 6 -> 3x2, ...).
     """
     if count < 1:
         raise ValueError(f"a grid needs at least one image, got {count}")
+    if count == 3:
+        return 3, 1
     columns = math.ceil(math.sqrt(count))
     return columns, math.ceil(count / columns)
 

@@ -43,6 +43,9 @@ from fategen.core.modelconfig import ModelConfig, ModelSpec
 from fategen.errors import PromptError
 
 MAX_SEED = 2**64 - 1
+#: Seeds fategen draws stay below 2^53, so a JavaScript bot (Discord.js) reads them exactly
+#: from JSON; a user may still give any seed up to `MAX_SEED`.
+MAX_RANDOM_SEED = 2**53 - 1
 
 
 @attrs.frozen
@@ -329,7 +332,7 @@ def parse_request(
             )
         seed = parsed
     else:
-        seed = (rng or _SYSTEM_RANDOM).randrange(MAX_SEED + 1)
+        seed = (rng or _SYSTEM_RANDOM).randrange(MAX_RANDOM_SEED + 1)
     negative = values["no"][1] if "no" in values else ""
     return GenerationRequest(
         prompt=prompt,
