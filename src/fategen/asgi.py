@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 from quart_trio import QuartTrio
 
-from fategen.cli import configure_logging
+from fategen.logs import configure_logging
 from fategen.service import build_service, prepare_process_for_hypercorn
 from fategen.settings import Settings
 
@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     """Build the service and return its app; the actors start with the app's lifespan."""
     if settings is None:
         settings = Settings.from_env(dotenv=Path(".env"))
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
     prepare_process_for_hypercorn()
     service = build_service(settings)
     app = service.app

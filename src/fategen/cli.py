@@ -15,6 +15,7 @@ import trio
 
 from fategen import __version__
 from fategen.errors import ConfigError
+from fategen.logs import configure_logging
 from fategen.settings import Settings
 
 log = logging.getLogger("fategen")
@@ -168,13 +169,6 @@ async def serve(settings: Settings, *, simulate: bool, knobs: Any = None) -> Non
         nursery.cancel_scope.cancel()
 
 
-def configure_logging(level: str) -> None:
-    """One format for every logger; httpx's line per ComfyUI request only at DEBUG."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    if level != "DEBUG":
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "init":
@@ -196,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fategen: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     knobs = None
     if args.simulate:
         from fategen.simulator import SimulatorKnobs

@@ -93,6 +93,13 @@ def _log_level(value: Any) -> str:
     return level
 
 
+def _log_format(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("text", "json"):
+        raise _bad("LOG_FORMAT", str(value), "expected text or json")
+    return text
+
+
 def _host(name: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         text = str(value).strip()
@@ -160,6 +167,8 @@ class Settings:
         "COMFYUI_FOLDER_PATH", "", _path("COMFYUI_FOLDER_PATH", optional=True)
     )
     log_level: str = _v("LOG_LEVEL", "INFO", _log_level)
+    #: ``text`` (one line per event) or ``json`` (one JSON object per line).
+    log_format: str = _v("LOG_FORMAT", "text", _log_format)
     http_host: str = _v("FATEGEN_HOST", "127.0.0.1", _host("FATEGEN_HOST"))
     http_port: int = _v("FATEGEN_PORT", 8000, _integer("FATEGEN_PORT", low=0, high=65535))
     #: Where finished WebP images are written.

@@ -4,12 +4,14 @@ resource (`jobs`, `models`, `health`), served by hypercorn's trio worker (`serve
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from flask.json.provider import JSONProvider
-from quart import Response, request
+from quart import Response, g, request
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from quart_trio import QuartTrio
+from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from fategen import __version__
@@ -25,6 +27,8 @@ from fategen.settings import Settings
 __all__ = ["MAX_BODY", "create_app"]
 
 log = logging.getLogger("fategen.http")
+#: One line per request (method, path, status, duration, key; the sentence of a refusal).
+access_log = logging.getLogger("fategen.access")
 
 MAX_BODY = 64 * 1024
 
@@ -49,6 +53,18 @@ class BoundedJSONProvider(JSONProvider):
 
     def response(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner.response(*args, **kwargs)
+
+
+class LenientRequest(TrioRequest):
+    """A request whose body is read as JSON also without ``Content-Type: application/json``
+    (curl's ``-d`` sends ``application/x-www-form-urlencoded``): if it parses, it is taken;
+    if not, the error says what to send."""
+
+    @property
+    def is_json(self) -> bool:
+        if self.mimetype in ("", "application/x-www-form-urlencoded", "text/plain"):
+            return True
+        return bool(super().is_json)
 
 
 def _provider(keys_required: bool) -> type[CompleteOpenAPIProvider]:
@@ -84,6 +100,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     """The quart-trio app; ``desk`` is all it knows of the service."""
     app = QuartTrio("fategen")
     app.asgi_http_class = ClosingHTTPConnection
+    app.request_class = LenientRequest
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["JSON_SORT_KEYS"] = False
     all_keys = settings.api_keys | settings.admin_keys
@@ -106,11 +123,53 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
         output_dir=settings.output_dir.resolve(),
         all_keys=all_keys,
     )
+    app.before_request(_start_clock)
     app.before_request(auth.authenticate)
+    app.after_request(_access_log)
     for module in (jobs, models, health):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
     return app
+
+
+async def _start_clock() -> None:
+    g.started = time.perf_counter()
+
+
+async def _access_log(response: Response) -> Response:
+    """One line per request: method, path, status, duration and key; a refusal (4xx) also
+    with its sentence. Through the process's logging, so LOG_FORMAT=json applies too."""
+    took = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+    refusal = g.get("refusal")
+    fields = {
+        "method": request.method,
+        "path": request.path,
+        "status": response.status_code,
+        "ms": round(took, 1),
+        "key": auth.key_label(),
+    }
+    if refusal is not None and 400 <= response.status_code < 500:
+        access_log.info(
+            "%s %r %d %.1f ms key=%s: %s",
+            request.method,
+            request.path,
+            response.status_code,
+            took,
+            fields["key"],
+            refusal,
+            extra={"http": fields, "reason": refusal},
+        )
+    else:
+        access_log.info(
+            "%s %r %d %.1f ms key=%s",
+            request.method,
+            request.path,
+            response.status_code,
+            took,
+            fields["key"],
+            extra={"http": fields},
+        )
+    return response
 
 
 def _register_error_handlers(app: QuartTrio) -> None:

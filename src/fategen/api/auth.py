@@ -29,6 +29,17 @@ def matches(token: str | None, keys: frozenset[str]) -> bool:
     return found
 
 
+def key_label() -> str:
+    """Which kind of key the request carries, for the logs: ``admin``, ``user`` or ``-``."""
+    token = key_of_request()
+    settings = state().settings
+    if matches(token, settings.admin_keys):
+        return "admin"
+    if matches(token, settings.api_keys):
+        return "user"
+    return "-"
+
+
 def is_admin() -> bool:
     """Whether the current request carries an admin key."""
     return matches(key_of_request(), state().settings.admin_keys)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import cast
 
 import attrs
-from quart import Response, current_app, request
+from quart import Response, current_app, g, has_request_context, request
 
 from fategen.api.frontdesk import Frontdesk, Refused
 from fategen.api.schemas import JobResponse, Progress
@@ -38,7 +38,10 @@ def state() -> ApiState:
 
 
 def error(message: str, status: int, **headers: str) -> Response:
-    """``{"error": message}``; ``headers`` with ``_`` for ``-`` (``Retry_After``)."""
+    """``{"error": message}``; ``headers`` with ``_`` for ``-`` (``Retry_After``). The
+    sentence is kept for the request's access-log line."""
+    if has_request_context():
+        g.refusal = message
     response = Response(
         json.dumps({"error": message}, ensure_ascii=False),
         status=status,

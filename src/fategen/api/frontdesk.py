@@ -156,6 +156,7 @@ class Frontdesk:
             request.count,
             request.seed,
             view.queue_position,
+            extra={"job_id": job.id, "nick": nick, "model": request.model, "event": "accepted"},
         )
         return view
 
@@ -193,7 +194,12 @@ class Frontdesk:
                 finished=time.time(),
             )
             if cancelled:
-                log.info("job %s cancelled by %s while queued", job.id, who)
+                log.info(
+                    "job %s cancelled by %s while queued",
+                    job.id,
+                    who,
+                    extra={"job_id": job.id, "nick": job.nick, "event": "cancelled"},
+                )
             elif job.ended():
                 raise Refused(f"job {job_id} has already {job.status.value}", 409)
         if not job.ended():

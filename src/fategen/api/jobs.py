@@ -28,6 +28,9 @@ from fategen.api.schemas import (
 
 blueprint = Blueprint("jobs", __name__)
 
+#: Seconds a client may keep a job's image without asking again.
+IMAGE_MAX_AGE = 86400
+
 
 @attrs.frozen
 class IdempotencyHeaders:
@@ -90,8 +93,12 @@ async def get_image(job_id: str) -> Response:
     path = state().output_dir / Path(view.result).name
     if not await trio.Path(path).is_file():
         raise Refused(f"the image of job {view.id} is gone (pruned or deleted)", 404)
-    response = await send_file(path, mimetype="image/webp")
-    response.headers["Cache-Control"] = "public, max-age=86400, immutable"
+    # A job's image never changes: conditional requests (If-None-Match, If-Modified-Since)
+    # answer 304, ranges 206, with one ETag, Last-Modified and Cache-Control throughout.
+    response = await send_file(
+        path, mimetype="image/webp", conditional=True, cache_timeout=IMAGE_MAX_AGE
+    )
+    response.cache_control.immutable = True
     return response
 
 

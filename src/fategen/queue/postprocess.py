@@ -75,7 +75,12 @@ class PostProcessor:
                 error=str(exc),
                 finished=time.time(),
             ):
-                log.info("job %s failed: %s", job.id, exc)
+                log.info(
+                    "job %s failed: %s",
+                    job.id,
+                    exc,
+                    extra={"job_id": job.id, "nick": job.nick, "event": "failed"},
+                )
             return
         finished = time.time()
         await self.store.update(
@@ -86,7 +91,13 @@ class PostProcessor:
             finished=finished,
         )
         took = finished - (job.started or finished)
-        log.info("job %s finished in %.1f s: %s", job.id, took, path.name)
+        log.info(
+            "job %s finished in %.1f s: %s",
+            job.id,
+            took,
+            path.name,
+            extra={"job_id": job.id, "nick": job.nick, "event": "completed"},
+        )
 
     async def _fetch_in_time(self, job: Job, refs: Sequence[ImageRef]) -> list[bytes]:
         if self.job_timeout is None:

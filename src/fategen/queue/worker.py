@@ -124,7 +124,12 @@ class ComfyWorker:
         if await self.store.update(
             job, status=JobStatus.CANCELLED, cancelled_by=by, finished=time.time()
         ):
-            log.info("job %s cancelled by %s", job.id, by)
+            log.info(
+                "job %s cancelled by %s",
+                job.id,
+                by,
+                extra={"job_id": job.id, "nick": job.nick, "event": "cancelled"},
+            )
 
     def _release(self, job: Job) -> None:
         """The worker is done with a job (any outcome, or handed to the post-processor)."""
@@ -135,7 +140,12 @@ class ComfyWorker:
 
     async def _fail(self, job: Job, error: str) -> None:
         if await self.store.update(job, status=JobStatus.FAILED, error=error, finished=time.time()):
-            log.info("job %s failed: %s", job.id, error)
+            log.info(
+                "job %s failed: %s",
+                job.id,
+                error,
+                extra={"job_id": job.id, "nick": job.nick, "event": "failed"},
+            )
 
     async def withdraw_submitted(self) -> None:
         """Shutdown: take the prompt posted ahead back out of ComfyUI's queue (it stays queued
@@ -257,6 +267,7 @@ class ComfyWorker:
             job.model,
             job.request.count,
             attempts,
+            extra={"job_id": job.id, "nick": job.nick, "model": job.model, "event": "started"},
         )
 
         def progress(value: int, maximum: int) -> None:
