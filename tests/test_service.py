@@ -173,6 +173,32 @@ async def test_idempotency_key_returns_the_same_job(stack: Stack) -> None:
     assert a["job_id"] == b["job_id"] != c["job_id"]
 
 
+async def test_idempotency_key_replays_are_marked_and_misuse_is_refused(stack: Stack) -> None:
+    headers = {"Idempotency-Key": "retry-456"}
+    body = {"message": "a dog -m tiny -w 256 -h 256", "nick": "ivan"}
+    first = await stack.client.post("/request", json=body, headers=headers)
+    assert "idempotent-replayed" not in first.headers
+    replay = await stack.client.post("/request", json=body, headers=headers)
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.json()["job_id"] == first.json()["job_id"]
+    other = await stack.client.post(
+        "/request", json=body | {"message": "a wolf -m tiny"}, headers=headers
+    )
+    assert other.status_code == 422
+    assert other.json()["error"] == (
+        "the Idempotency-Key 'retry-456' was used for another message; "
+        "send a new key with a new request"
+    )
+    # Once expired (24 hours by default; here at once), the key starts a new job.
+    stack.running.desk.idempotency_ttl = 0.0
+    fresh = await stack.client.post("/request", json=body, headers=headers)
+    assert fresh.status_code == 200 and "idempotent-replayed" not in fresh.headers
+    assert fresh.json()["job_id"] != first.json()["job_id"]
+    stack.running.desk.idempotency_ttl = 3600.0
+    again = await stack.client.post("/request", json=body, headers=headers)
+    assert again.json()["job_id"] == fresh.json()["job_id"]
+
+
 async def test_cancel_queued_and_running(tmp_path: Path) -> None:
     async with open_stack(tmp_path, SimulatorKnobs(step_seconds=0.1)) as stack:
         with trio.fail_after(30):

@@ -79,6 +79,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, Any]] = [
     ("FATEGEN_MAX_QUEUE", "1000", "max_queue", 1000),
     ("FATEGEN_MAX_CONNECTIONS", "2000", "max_connections", 2000),
     ("LOG_FORMAT", " JSON ", "log_format", "json"),
+    ("FATEGEN_IDEMPOTENCY_HOURS", "48", "idempotency_hours", 48.0),
     ("FATEGEN_COMFYUI_CALL_TIMEOUT", "12.5", "comfyui_call_timeout", 12.5),
     ("FATEGEN_COMFYUI_MAX_RESPONSE_MIB", "64", "comfyui_max_response_mib", 64),
     ("FATEGEN_AFFINITY_MAX_PASSES", "0", "affinity_max_passes", 0),

@@ -311,6 +311,7 @@ def build_service(settings: Settings) -> Service:
         health=session,
         max_queue=settings.max_queue,
         max_queue_per_user=settings.max_queue_per_user,
+        idempotency_ttl=settings.idempotency_hours * 3600,
     )
     app = create_app(desk, settings, settings.comfyui_url)
     return Service(

@@ -227,6 +227,10 @@ class Settings:
         "FATEGEN_MAX_QUEUE_PER_USER", 10, _integer("FATEGEN_MAX_QUEUE_PER_USER", low=1)
     )
     max_queue: int = _v("FATEGEN_MAX_QUEUE", 500, _integer("FATEGEN_MAX_QUEUE", low=1))
+    #: Hours an Idempotency-Key holds.
+    idempotency_hours: float = _v(
+        "FATEGEN_IDEMPOTENCY_HOURS", 24, _hours("FATEGEN_IDEMPOTENCY_HOURS")
+    )
     #: Model affinity: how many times a job may be passed over for one on the loaded model.
     affinity_max_passes: int = _v(
         "FATEGEN_AFFINITY_MAX_PASSES", 3, _integer("FATEGEN_AFFINITY_MAX_PASSES", low=0)

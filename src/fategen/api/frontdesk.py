@@ -79,6 +79,8 @@ class Frontdesk:
     health: Health
     max_queue: int = 500
     max_queue_per_user: int = 10
+    #: Seconds an Idempotency-Key holds (24 hours, as Comfy's API v2).
+    idempotency_ttl: float = 24 * 3600
     rng: random.Random = attrs.field(factory=random.SystemRandom)
     stopping: bool = False
     _submit_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
@@ -99,11 +101,15 @@ class Frontdesk:
 
     async def submit(
         self, nick: str, message: str, *, idempotency_key: str | None = None
-    ) -> JobView:
-        """Queue a job; it is on disk before this returns.
+    ) -> tuple[JobView, bool]:
+        """Queue a job; it is on disk before this returns. Returns its view, and whether it
+        is an earlier job replayed for the same Idempotency-Key.
+
+        An Idempotency-Key holds for `idempotency_ttl` seconds from the job's creation; used
+        again for another message, it is refused (422).
 
         Raises:
-            Refused: the message, nick or queue caps refuse it (``status`` 400/429/503).
+            Refused: the message, nick or queue caps refuse it (``status`` 400/422/429/503).
             PromptError, WorkflowError: the message cannot become a job.
         """
         if self.stopping:
@@ -117,10 +123,18 @@ class Frontdesk:
         async with self._submit_lock:
             if idempotency_key is not None:
                 earlier = self.store.by_idempotency_key(nick, idempotency_key)
-                if earlier is not None:
+                if earlier is not None and time.time() - earlier.created > self.idempotency_ttl:
+                    await self.store.forget_idempotency_key(earlier)
+                elif earlier is not None:
+                    if earlier.message != message:
+                        raise Refused(
+                            f"the Idempotency-Key {idempotency_key[:64]!r} was used for "
+                            "another message; send a new key with a new request",
+                            422,
+                        )
                     view = self.store.view(earlier.id)
                     assert view is not None
-                    return view
+                    return view, True
             if self.store.count_queued() >= self.max_queue:
                 raise Refused(
                     f"the queue is full ({self.max_queue} jobs); try again in a minute",
@@ -158,7 +172,7 @@ class Frontdesk:
             view.queue_position,
             extra={"job_id": job.id, "nick": nick, "model": request.model, "event": "accepted"},
         )
-        return view
+        return view, False
 
     def view(self, job_id: str) -> JobView | None:
         return self.store.view(job_id)

@@ -42,11 +42,12 @@ class IdempotencyHeaders:
 @document_headers(IdempotencyHeaders)
 @validate_response(SubmitResponse, 200)
 @validate_response(ErrorResponse, 400)
+@validate_response(ErrorResponse, 422)
 @validate_response(ErrorResponse, 429)
-async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int]:
+async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, str]]:
     """Queue a chat line as an image job. Retries with the same Idempotency-Key get the
-    same job back."""
-    view = await state().desk.submit(
+    same job back, marked Idempotent-Replayed: true."""
+    view, replayed = await state().desk.submit(
         data.nick, data.message, idempotency_key=request.headers.get("Idempotency-Key")
     )
     return (
@@ -58,6 +59,7 @@ async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int]:
             wait_url=f"{base_url()}/wait/{view.id}",
         ),
         200,
+        {"Idempotent-Replayed": "true"} if replayed else {},
     )
 
 

@@ -133,6 +133,15 @@ class JobStore:
             if j.status is JobStatus.QUEUED and (nick is None or j.nick == nick)
         )
 
+    async def forget_idempotency_key(self, job: Job) -> None:
+        """The job's Idempotency-Key expired: a new request may use it."""
+        key = job.idempotency_key
+        if key is None:
+            return
+        await self.update(job, idempotency_key=None)
+        if self._idempotency.get((job.nick, key)) == job.id:
+            del self._idempotency[(job.nick, key)]
+
     def by_idempotency_key(self, nick: str, key: str) -> Job | None:
         job_id = self._idempotency.get((nick, key))
         return None if job_id is None else self._jobs.get(job_id)
