@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import attrs
 import httpx
@@ -264,6 +265,7 @@ def build_service(settings: Settings) -> Service:
         max_passes=settings.affinity_max_passes,
         max_delay=settings.affinity_max_delay,
         checkpoint_of=lambda m: config.models[m].checkpoint_name if m in config.models else m,
+        user_of=lambda job: cast(Job, job).user,
     )
     requests_tx, requests_rx = trio.open_memory_channel[trio.MemorySendChannel[Job]](0)
     results_tx, results_rx = trio.open_memory_channel[tuple[Job, list[ImageRef]]](4)

@@ -7,8 +7,10 @@ variable and the value (`ConfigError`). Tests build settings with ``Settings.fro
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -110,18 +112,42 @@ def _host(name: str) -> Callable[[Any], str]:
     return convert
 
 
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+
+def split_key(entry: str) -> tuple[str, str]:
+    """``name:TOKEN`` -> (name, token); a bare token gets a name derived from its hash (a
+    name for the logs and the job, never the token)."""
+    name, sep, token = entry.partition(":")
+    if not sep:
+        return "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+    return name, token
+
+
 def _keys(name: str) -> Callable[[Any], frozenset[str]]:
+    """Comma-separated keys, each ``TOKEN`` or ``name:TOKEN`` (tokens hold no colon)."""
+
     def convert(value: Any) -> frozenset[str]:
         if isinstance(value, frozenset):
             return value
         keys = [k.strip() for k in str(value).split(",") if k.strip()]
+        names: set[str] = set()
         for number, key in enumerate(keys, start=1):
-            if len(key) < 16:
+            key_name, token = split_key(key)
+            if ":" in key and not _KEY_NAME.fullmatch(key_name):
+                raise ConfigError(
+                    f"{name} is invalid: key {number} of {len(keys)} has a name that is not "
+                    "1 to 32 letters, digits, '.', '_' or '-'"
+                )
+            if len(token) < 16:
                 # The value is a secret: say which key is wrong, never echo it.
                 raise ConfigError(
-                    f"{name} is invalid: key {number} of {len(keys)} has {len(key)} characters,"
-                    " and every key needs at least 16"
+                    f"{name} is invalid: key {number} of {len(keys)} has {len(token)} "
+                    "characters, and every key needs at least 16"
                 )
+            if key_name in names:
+                raise ConfigError(f"{name} is invalid: the key name {key_name!r} is used twice")
+            names.add(key_name)
         return frozenset(keys)
 
     return convert

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hmac
 
+import attrs
 from quart import Response, request
 
 from fategen.api.common import error, state
+from fategen.settings import split_key
 
 #: Paths anyone may read: the health check and the API documentation.
 OPEN_PATHS = ("/health", "/ready", "/docs", "/redoc", "/openapi.json")
@@ -21,28 +23,52 @@ def key_of_request() -> str | None:
 
 def matches(token: str | None, keys: frozenset[str]) -> bool:
     """Whether ``token`` is one of ``keys``, compared with every key in constant time."""
+    return _name_of(token, keys) is not None
+
+
+def _name_of(token: str | None, keys: frozenset[str]) -> str | None:
+    """The name of the key ``token`` is, comparing with every key in constant time."""
     if token is None:
-        return False
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
+        return None
+    found = None
+    for entry in keys:
+        name, secret = split_key(entry)
+        if hmac.compare_digest(token.encode(), secret.encode()):
+            found = name
     return found
 
 
-def key_label() -> str:
-    """Which kind of key the request carries, for the logs: ``admin``, ``user`` or ``-``."""
+@attrs.frozen
+class Caller:
+    """The key a request carries: its name, and whether it is an admin key."""
+
+    key: str
+    admin: bool
+
+
+def caller() -> Caller | None:
+    """The key of the current request, or None (no key, or keys are off)."""
     token = key_of_request()
     settings = state().settings
-    if matches(token, settings.admin_keys):
-        return "admin"
-    if matches(token, settings.api_keys):
-        return "user"
-    return "-"
+    admin = _name_of(token, settings.admin_keys)
+    if admin is not None:
+        return Caller(admin, True)
+    user = _name_of(token, settings.api_keys)
+    return None if user is None else Caller(user, False)
+
+
+def key_label() -> str:
+    """The request's key for the logs: its name (``admin:`` before an admin key's), or ``-``."""
+    who = caller()
+    if who is None:
+        return "-"
+    return f"admin:{who.key}" if who.admin else who.key
 
 
 def is_admin() -> bool:
     """Whether the current request carries an admin key."""
-    return matches(key_of_request(), state().settings.admin_keys)
+    who = caller()
+    return who is not None and who.admin
 
 
 def may_see_details() -> bool:

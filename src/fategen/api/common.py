@@ -28,7 +28,8 @@ class ApiState:
     settings: Settings
     comfyui_url: str
     output_dir: Path
-    #: Every API and admin key (empty: keys are off).
+    #: Every API and admin key (empty: keys are off), as configured (``name:TOKEN`` or
+    #: ``TOKEN``).
     all_keys: frozenset[str]
 
 
@@ -100,4 +101,5 @@ def job_response(view: JobView) -> JobResponse:
         started=iso(view.started),
         finished=iso(view.finished),
         cancelled_by=view.cancelled_by,
+        key=view.key_name,
     )

@@ -22,6 +22,7 @@ from fategen.core.workflow import WorkflowTemplate, build_workflow
 from fategen.errors import FategenError
 from fategen.queue.scheduler import Scheduler
 from fategen.store.jobs import Job, JobStatus, JobStore, JobView
+from fategen.store.model import user_of
 
 log = logging.getLogger("fategen.jobs")
 
@@ -100,7 +101,12 @@ class Frontdesk:
         return request
 
     async def submit(
-        self, nick: str, message: str, *, idempotency_key: str | None = None
+        self,
+        nick: str,
+        message: str,
+        *,
+        idempotency_key: str | None = None,
+        key_name: str | None = None,
     ) -> tuple[JobView, bool]:
         """Queue a job; it is on disk before this returns. Returns its view, and whether it
         is an earlier job replayed for the same Idempotency-Key.
@@ -122,7 +128,7 @@ class Frontdesk:
         request = self.parse(message)
         async with self._submit_lock:
             if idempotency_key is not None:
-                earlier = self.store.by_idempotency_key(nick, idempotency_key)
+                earlier = self.store.by_idempotency_key(user_of(key_name, nick), idempotency_key)
                 if earlier is not None and time.time() - earlier.created > self.idempotency_ttl:
                     await self.store.forget_idempotency_key(earlier)
                 elif earlier is not None:
@@ -141,7 +147,7 @@ class Frontdesk:
                     429,
                     retry_after=60,
                 )
-            mine = self.store.count_queued(nick)
+            mine = self.store.count_queued(user_of(key_name, nick))
             if mine >= self.max_queue_per_user:
                 raise Refused(
                     f"{nick} already has {mine} jobs queued (the limit is "
@@ -155,6 +161,7 @@ class Frontdesk:
                 message=message,
                 request=request,
                 idempotency_key=idempotency_key,
+                key_name=key_name,
             )
             await self.store.add(job)
         self.scheduler.wake()
@@ -185,13 +192,21 @@ class Frontdesk:
                 return
             await self.store.wait_change(job_id)
 
-    async def cancel(self, job_id: str, *, nick: str | None, admin: bool) -> JobView:
+    async def cancel(
+        self, job_id: str, *, nick: str | None, admin: bool, key_name: str | None = None
+    ) -> JobView:
+        """Cancel a job: the nick that submitted it, through the same API key, or an admin."""
         job = self.store.get(job_id)
         if job is None:
             raise Refused(f"there is no job {job_id}", 404)
         if not admin:
             if nick is None:
                 raise Refused("say which nick submitted the job (?nick=...) to cancel it", 403)
+            if job.key_name is not None and key_name != job.key_name:
+                raise Refused(
+                    f"job {job_id} was submitted with another API key; only it may cancel it",
+                    403,
+                )
             if clean_nick(nick) != job.nick:
                 raise Refused(f"job {job_id} belongs to another nick; only it may cancel it", 403)
         who = "admin" if admin and nick is None else (nick or "admin")

@@ -14,7 +14,7 @@ from quart_schema import (
     validate_response,
 )
 
-from fategen.api.auth import is_admin
+from fategen.api.auth import caller
 from fategen.api.common import base_url, find_job, job_response, state
 from fategen.api.frontdesk import Refused
 from fategen.api.schemas import (
@@ -47,8 +47,12 @@ class IdempotencyHeaders:
 async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, str]]:
     """Queue a chat line as an image job. Retries with the same Idempotency-Key get the
     same job back, marked Idempotent-Replayed: true."""
+    who = caller()
     view, replayed = await state().desk.submit(
-        data.nick, data.message, idempotency_key=request.headers.get("Idempotency-Key")
+        data.nick,
+        data.message,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        key_name=None if who is None else who.key,
     )
     return (
         SubmitResponse(
@@ -81,7 +85,13 @@ async def get_job(job_id: str) -> tuple[JobResponse, int]:
 async def cancel_job(job_id: str, query_args: CancelQuery) -> tuple[JobResponse, int]:
     """Cancel a job: the nick that submitted it, or an admin key, may."""
     view = find_job(job_id)
-    cancelled = await state().desk.cancel(view.id, nick=query_args.nick, admin=is_admin())
+    who = caller()
+    cancelled = await state().desk.cancel(
+        view.id,
+        nick=query_args.nick,
+        admin=who is not None and who.admin,
+        key_name=None if who is None else who.key,
+    )
     return job_response(cancelled), 200
 
 

@@ -74,6 +74,8 @@ class JobResponse:
     started: str | None
     finished: str | None
     cancelled_by: str | None
+    #: The name of the API key that submitted the job (None with keys off).
+    key: str | None = None
 
 
 @attrs.frozen

@@ -38,10 +38,13 @@ class FairPolicy:
         max_passes: int = 3,
         max_delay: float = 120.0,
         checkpoint_of: Callable[[str], str] = lambda model: model,
+        user_of: Callable[[Queued], str] = lambda job: job.nick,
     ) -> None:
         self.max_passes = max_passes
         self.max_delay = max_delay
         self._checkpoint_of = checkpoint_of
+        #: Who a job is for, the unit of turns (the service: the nick within its API key).
+        self._user_of = user_of
         self._tick = itertools.count(1)
         self._last_served: dict[str, int] = {}
         #: job id -> (times passed over, time first passed over)
@@ -53,7 +56,7 @@ class FairPolicy:
         """Users in turn order, and each user's queued jobs in submission order."""
         by_user: dict[str, list[Queued]] = {}
         for job in sorted(jobs, key=lambda j: j.seq):
-            by_user.setdefault(job.nick, []).append(job)
+            by_user.setdefault(self._user_of(job), []).append(job)
         users = sorted(by_user, key=lambda n: (self._last_served.get(n, 0), by_user[n][0].seq))
         return users, by_user
 
@@ -131,10 +134,11 @@ class FairPolicy:
             job, skipped = self._choose(self._turns(users, by_user), prefer, passed, now)
             self._pass_over(skipped, passed, now)
             passed.pop(job.id, None)
-            by_user[job.nick].remove(job)
-            users.remove(job.nick)
-            if by_user[job.nick]:
-                users.append(job.nick)
+            user = self._user_of(job)
+            by_user[user].remove(job)
+            users.remove(user)
+            if by_user[user]:
+                users.append(user)
             loaded = self._checkpoint_of(job.model)
             remaining[loaded] -= 1
             result.append(job)
@@ -154,7 +158,7 @@ class FairPolicy:
         job, skipped = self._choose(self._turns(*self._queues(jobs)), loaded, self._passed, now)
         self._pass_over(skipped, self._passed, now)
         self._passed.pop(job.id, None)
-        self._last_served[job.nick] = next(self._tick)
+        self._last_served[self._user_of(job)] = next(self._tick)
         checkpoint = self._checkpoint_of(job.model)
         if self.loaded_checkpoint is not None and checkpoint != self.loaded_checkpoint:
             self.swaps += 1

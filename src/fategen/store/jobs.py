@@ -69,7 +69,7 @@ class JobStore:
             self._jobs[job.id] = job
             self._seq = max(self._seq, job.seq)
             if job.idempotency_key:
-                self._idempotency[(job.nick, job.idempotency_key)] = job.id
+                self._idempotency[(job.user, job.idempotency_key)] = job.id
             if job.status is JobStatus.PROCESSING:
                 interrupted.append(job)
         self._note_activity()
@@ -100,6 +100,7 @@ class JobStore:
             result=job.result,
             error=job.error,
             cancelled_by=job.cancelled_by,
+            key_name=job.key_name,
         )
 
     def queued(self) -> list[Job]:
@@ -126,11 +127,12 @@ class JobStore:
             self._positions_key, self._positions_at = self._version, now
         return self._positions_cache
 
-    def count_queued(self, nick: str | None = None) -> int:
+    def count_queued(self, user: str | None = None) -> int:
+        """Queued jobs, of one user (`Job.user`) or of everyone."""
         return sum(
             1
             for j in self._jobs.values()
-            if j.status is JobStatus.QUEUED and (nick is None or j.nick == nick)
+            if j.status is JobStatus.QUEUED and (user is None or j.user == user)
         )
 
     async def forget_idempotency_key(self, job: Job) -> None:
@@ -139,11 +141,12 @@ class JobStore:
         if key is None:
             return
         await self.update(job, idempotency_key=None)
-        if self._idempotency.get((job.nick, key)) == job.id:
-            del self._idempotency[(job.nick, key)]
+        if self._idempotency.get((job.user, key)) == job.id:
+            del self._idempotency[(job.user, key)]
 
-    def by_idempotency_key(self, nick: str, key: str) -> Job | None:
-        job_id = self._idempotency.get((nick, key))
+    def by_idempotency_key(self, user: str, key: str) -> Job | None:
+        """The job ``user`` (a nick, within its key: `Job.user`) sent with ``key``."""
+        job_id = self._idempotency.get((user, key))
         return None if job_id is None else self._jobs.get(job_id)
 
     def all_jobs(self) -> Iterable[Job]:
@@ -178,7 +181,7 @@ class JobStore:
         await self._db.run(self._db.insert, job)
         self._jobs[job.id] = job
         if job.idempotency_key:
-            self._idempotency[(job.nick, job.idempotency_key)] = job.id
+            self._idempotency[(job.user, job.idempotency_key)] = job.id
         self._changed_now(job)
 
     async def update(
@@ -215,7 +218,7 @@ class JobStore:
         for job in jobs:
             self._jobs.pop(job.id, None)
             if job.idempotency_key:
-                self._idempotency.pop((job.nick, job.idempotency_key), None)
+                self._idempotency.pop((job.user, job.idempotency_key), None)
             self._wake(job.id)
         self._version += 1
         self._note_activity()

@@ -16,6 +16,11 @@ import cattrs
 from fategen.core.prompt import GenerationRequest
 
 
+def user_of(key_name: str | None, nick: str) -> str:
+    """The user a nick is, under the API key that sent it (key names hold no ``/``)."""
+    return nick if key_name is None else f"{key_name}/{nick}"
+
+
 class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     PROCESSING = "processing"
@@ -56,10 +61,19 @@ class Job:
     generated: float | None = None
     #: How many times fategen stopped while ComfyUI was executing the job (two fail it).
     interruptions: int = 0
+    #: The name of the API key that submitted it (None with keys off). A nick belongs to
+    #: its key: "alice" of one bot and "alice" of another are two users.
+    key_name: str | None = None
 
     @property
     def model(self) -> str:
         return self.request.model
+
+    @property
+    def user(self) -> str:
+        """Who the job is for: the nick, within its key (the unit of fair turns, caps,
+        cancel rights and Idempotency-Keys)."""
+        return user_of(self.key_name, self.nick)
 
     def ended(self) -> bool:
         """Whether the job has finished. A method, not a property, so that a type checker
@@ -88,6 +102,7 @@ class JobView:
     result: str | None
     error: str | None
     cancelled_by: str | None
+    key_name: str | None = None
 
 
 #: The one converter for jobs: a job is stored as this JSON (the ``body`` column).

@@ -19,7 +19,7 @@ from fategen.store.model import Job, job_from_body, job_to_row
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, str] = {
     # version -> SQL that brings a database at version-1 up to it.
@@ -41,6 +41,13 @@ MIGRATIONS: dict[int, str] = {
     # Small facts that outlive a restart (the ComfyUI client id).
     2: """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    # An Idempotency-Key belongs to a nick within its API key (the job body's key_name).
+    3: """
+    DROP INDEX jobs_idempotency;
+    CREATE UNIQUE INDEX jobs_idempotency
+        ON jobs (nick, coalesce(json_extract(body, '$.key_name'), ''), idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
     """,
 }
 
