@@ -1,4 +1,5 @@
-"""Tasks: ``nox -s tests`` (the default), ``lint``, ``typecheck``, ``fuzz``, ``bench``."""
+"""Tasks: ``nox -s tests`` (the default), ``lint``, ``typecheck``, ``browser``, ``fuzz``,
+``bench``."""
 
 from __future__ import annotations
 
@@ -13,9 +14,19 @@ PYTHON = ["3.11", "3.12", "3.13"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (unit, contract and end-to-end over real sockets)."""
+    """Run the test suite (unit, contract and end-to-end over real sockets); the tests in a
+    real browser are ``nox -s browser``'s."""
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--ignore=tests/browser", *session.posargs)
+
+
+@nox.session(default=False)
+def browser(session: nox.Session) -> None:
+    """The pages in a real headless Chromium: Debian's (``apt-get install chromium``; CI
+    installs it), driven by Playwright's Python package. Playwright's own browser download
+    is never used; FATEGEN_TEST_CHROMIUM names another Chromium."""
+    session.install("-e", ".[test]", "playwright>=1.40")
+    session.run("pytest", "tests/browser", *session.posargs)
 
 
 @nox.session(default=False)

@@ -15,7 +15,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from fategen import __version__
-from fategen.api import auth, health, jobs, models
+from fategen.api import auth, docs, health, jobs, models
 from fategen.api.common import EXTENSION, ApiState, error
 from fategen.api.frontdesk import Frontdesk, Refused
 from fategen.api.schemas import CompleteOpenAPIProvider
@@ -103,6 +103,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     app.request_class = LenientRequest
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["JSON_SORT_KEYS"] = False
+    app.config.update(docs.CONFIG)  # the documentation's assets from fategen, not a CDN
     all_keys = settings.api_keys | settings.admin_keys
     QuartSchema(
         app,
@@ -126,7 +127,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     app.before_request(_start_clock)
     app.before_request(auth.authenticate)
     app.after_request(_access_log)
-    for module in (jobs, models, health):
+    for module in (jobs, models, health, docs):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
     return app

@@ -12,6 +12,8 @@ from fategen.settings import split_key
 
 #: Paths anyone may read: the health check and the API documentation.
 OPEN_PATHS = ("/health", "/ready", "/docs", "/redoc", "/openapi.json")
+#: The documentation pages' own JavaScript and CSS.
+OPEN_PREFIX = "/docs/assets/"
 
 
 def key_of_request() -> str | None:
@@ -82,7 +84,7 @@ def may_see_details() -> bool:
 async def authenticate() -> Response | None:
     """A ``before_request`` hook: 401 unless the request may go on."""
     all_keys = state().all_keys
-    if not all_keys or request.path in OPEN_PATHS:
+    if not all_keys or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX):
         return None
     if not matches(key_of_request(), all_keys):
         return error(

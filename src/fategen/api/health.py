@@ -41,8 +41,10 @@ async def health() -> tuple[HealthResponse, int]:
 @validate_response(ReadyResponse, 200)
 @validate_response(ReadyResponse, 503)
 async def ready() -> tuple[ReadyResponse, int]:
-    """Whether jobs can run now: 200 when ComfyUI is reachable and the service is not
-    shutting down, 503 with the reason otherwise."""
+    """Whether jobs can run now.
+
+    200 when ComfyUI is reachable and the service is not shutting down, 503 with the reason
+    otherwise."""
     desk = state().desk
     if desk.stopping:
         return ReadyResponse(ready=False, reason="the service is shutting down"), 503

@@ -45,8 +45,10 @@ class IdempotencyHeaders:
 @validate_response(ErrorResponse, 422)
 @validate_response(ErrorResponse, 429)
 async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, str]]:
-    """Queue a chat line as an image job. Retries with the same Idempotency-Key get the
-    same job back, marked Idempotent-Replayed: true."""
+    """Queue a chat line as an image job.
+
+    Retries with the same Idempotency-Key get the same job back, marked
+    Idempotent-Replayed: true."""
     who = caller()
     view, replayed = await state().desk.submit(
         data.nick,
@@ -121,8 +123,10 @@ async def get_image(job_id: str) -> Response:
 @validate_response(ErrorResponse, 400)
 @validate_response(ErrorResponse, 404)
 async def wait_job(job_id: str, query_args: WaitQuery) -> Response | tuple[JobResponse, int]:
-    """Long-poll: answers 200 once the job has finished, or 202 with its current state when
-    the timeout runs out (poll again)."""
+    """Wait for a job to finish (long-poll).
+
+    Answers 200 once the job has finished, or 202 with its current state when the timeout
+    runs out (poll again)."""
     view = find_job(job_id)
     settings, desk = state().settings, state().desk
     timeout = query_args.timeout
