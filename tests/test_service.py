@@ -321,3 +321,37 @@ async def test_wait_longer_than_the_read_timeout_still_answers(tmp_path: Path) -
         with trio.fail_after(10):
             r = await stack.client.get(f"/wait/{sub['job_id']}", params={"timeout": 2.5})
         assert r.status_code == 202
+
+
+async def test_models_comfyui_cannot_run_are_marked_and_refused(tmp_path: Path) -> None:
+    """A model whose checkpoint ComfyUI lacks is unavailable in /models and refused at
+    submit with one line naming the ones that can run, instead of failing in the queue;
+    what ComfyUI has is read again when the session reconnects."""
+    knobs = SimulatorKnobs(step_seconds=0.002)
+    knobs.checkpoints = [c for c in knobs.checkpoints if not c.startswith("lumina")]
+    async with open_stack(tmp_path, knobs) as stack:
+        service = stack.running.service
+        with trio.fail_after(20):
+            await service.setup_checked.wait()
+            models = {m["id"]: m for m in (await stack.client.get("/models")).json()["models"]}
+            assert models["lumina2"]["available"] is False
+            assert "lumina_2.safetensors" in models["lumina2"]["unavailable_reason"]
+            assert models["tiny"]["available"] is True
+            r = await stack.client.post(
+                "/request", json={"message": "a harbour -m lumina2", "nick": "lena"}
+            )
+            assert r.status_code == 400
+            error = r.json()["error"]
+            assert error.startswith('model "lumina2" cannot run now: its checkpoint')
+            assert "available: " in error and "tiny" in error and "\n" not in error
+            # ComfyUI gains the checkpoint; the next connection finds it.
+            knobs.checkpoints.append("lumina_2.safetensors")
+            stack.sim.knobs.drop_ws_mid_job = 1
+            job = await stack.submit("reconnect -m tiny -w 256 -h 256", "lena")
+            assert (await stack.wait(job["job_id"]))["status"] == "completed"
+            while service.availability.reason("lumina2") is not None:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            r = await stack.client.post(
+                "/request", json={"message": "a harbour -m lumina2 -w 256 -h 256", "nick": "lena"}
+            )
+            assert r.status_code == 200, r.text

@@ -5,6 +5,7 @@ seed's configuration layout works; ``fategen init`` gives an operator files to e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -286,3 +287,23 @@ async def test_ctrl_c_stops_the_simulator_quietly(tmp_path: Path) -> None:
             output += chunk
     assert proc.returncode == 0
     assert b"Traceback" not in output and b"KeyboardInterrupt" not in output
+
+
+def test_the_start_up_log_says_how_it_is_set_up(caplog: pytest.LogCaptureFixture) -> None:
+    from fategen.service import log_setup
+    from fategen.settings import Settings
+
+    caplog.set_level(logging.INFO, logger="fategen")
+    key = "ircbot:irc-token-0123456789abcdef"
+    log_setup(Settings.from_env({"FATEGEN_API_KEYS": key}))
+    text = caplog.text
+    assert "authentication is on: 1 user key(s), 0 admin key(s)" in text
+    assert "irc-token" not in text
+    assert "jobs in " in text and "images in " in text
+    caplog.clear()
+    log_setup(Settings.from_env({}))
+    assert "authentication is off" in caplog.text and "WARNING" not in caplog.text
+    caplog.clear()
+    log_setup(Settings.from_env({"FATEGEN_HOST": "0.0.0.0"}))  # only read, nothing binds
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "with no API keys" in warnings[0].getMessage()

@@ -13,6 +13,7 @@ long-polls are answered, the running job gets ``shutdown_grace`` seconds, then a
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import resource
 import socket
@@ -32,6 +33,7 @@ from fategen.api.server import install_connection_isolation, serve_http
 from fategen.comfy.session import ComfySession
 from fategen.comfy.watchdog import IdleWatchdog
 from fategen.comfy.wire import ImageRef
+from fategen.core.availability import ModelAvailability
 from fategen.core.modelconfig import ModelConfig, load_model_config
 from fategen.core.policy import FairPolicy
 from fategen.core.workflow import WorkflowTemplate, load_templates
@@ -153,6 +155,8 @@ class Service:
     setup_warnings: list[str] = attrs.field(factory=list)
     #: Set once the start-up check has run (or could not run).
     setup_checked: trio.Event = attrs.field(factory=trio.Event)
+    #: Which models can run on ComfyUI (what the front desk and /models read).
+    availability: ModelAvailability = attrs.field(factory=ModelAvailability)
     #: Set once `run_actors` has returned (or failed).
     stopped: trio.Event = attrs.field(factory=trio.Event)
 
@@ -212,22 +216,39 @@ class Service:
         self.session.client_id = client_id
 
     async def _check_setup(self) -> None:
-        """Once ComfyUI is reachable, warn about node types and checkpoints it lacks."""
-        await self.session.wait_available()
+        """Each time ComfyUI connects: what it lacks of the configuration. The first time,
+        warn about each thing; every time, mark the models that cannot run there."""
         templates = self.worker.templates
         config = self.worker.config
         node_classes = {
             name: {node["class_type"] for node in t.graph.values()} for name, t in templates.items()
         }
         checkpoints = {m: spec.checkpoint_name for m, spec in config.models.items()}
-        try:
-            self.setup_warnings = await self.session.check_setup(node_classes, checkpoints)
-        except FategenError as exc:
-            log.warning("could not check ComfyUI's nodes and checkpoints: %s", exc)
-        finally:
-            self.setup_checked.set()
-        for warning in self.setup_warnings:
-            log.warning("%s", warning)
+        templates_of = {m: spec.workflow for m, spec in config.models.items()}
+        first = True
+        while True:
+            await self.session.wait_available()
+            try:
+                found = await self.session.inspect(node_classes, checkpoints, templates_of)
+            except FategenError as exc:
+                log.warning("could not check ComfyUI's nodes and checkpoints: %s", exc)
+            else:
+                changed = found.unavailable != self.availability.reasons
+                self.availability.reasons = found.unavailable
+                if first:
+                    self.setup_warnings = found.warnings
+                    for warning in found.warnings:
+                        log.warning("%s", warning)
+                elif changed:
+                    log.info(
+                        "ComfyUI reconnected; models it cannot run: %s",
+                        ", ".join(sorted(found.unavailable)) or "none",
+                    )
+            finally:
+                first = False
+                self.setup_checked.set()
+            while self.session.available:
+                await self.session.wait_availability_change()
 
     def begin_stop(self) -> None:
         """Refuse new jobs and answer every long-poll now (idempotent)."""
@@ -304,6 +325,7 @@ def build_service(settings: Settings) -> Service:
         free_memory_after=settings.idle_free_memory_seconds,
     )
     store.on_activity = lambda active: watchdog.notify_busy() if active else watchdog.notify_idle()
+    availability = ModelAvailability()
     desk = Frontdesk(
         store,
         scheduler,
@@ -314,10 +336,23 @@ def build_service(settings: Settings) -> Service:
         max_queue=settings.max_queue,
         max_queue_per_user=settings.max_queue_per_user,
         idempotency_ttl=settings.idempotency_hours * 3600,
+        availability=availability,
     )
     app = create_app(desk, settings, settings.comfyui_url)
     return Service(
-        settings, store, policy, session, scheduler, worker, post, watchdog, desk, app, http, db
+        settings,
+        store,
+        policy,
+        session,
+        scheduler,
+        worker,
+        post,
+        watchdog,
+        desk,
+        app,
+        http,
+        db,
+        availability=availability,
     )
 
 
@@ -363,6 +398,34 @@ def prepare_process_for_hypercorn() -> None:
     install_connection_isolation()
 
 
+def log_setup(settings: Settings) -> None:
+    """What an operator checks first: authentication (key counts, never keys), where data
+    and images go; a warning when the service listens beyond this machine with no keys."""
+    users, admins = len(settings.api_keys), len(settings.admin_keys)
+    if users or admins:
+        log.info("authentication is on: %d user key(s), %d admin key(s)", users, admins)
+    else:
+        log.info("authentication is off (no FATEGEN_API_KEYS or FATEGEN_ADMIN_KEYS)")
+        if not _is_loopback(settings.http_host):
+            log.warning(
+                "listening on %s with no API keys: anyone who can reach it may submit and "
+                "cancel jobs; set FATEGEN_API_KEYS",
+                settings.http_host,
+            )
+    log.info(
+        "jobs in %s, images in %s",
+        (settings.data_dir / "jobs.sqlite3").resolve(),
+        settings.output_dir.resolve(),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def http_read_timeout(settings: Settings) -> float:
     """hypercorn's read timeout also runs while a request is answered (a parked /wait sends
     and receives nothing), so it must outlast the longest /wait, or the socket is dropped."""
@@ -392,6 +455,7 @@ async def run_service(
             )
         )
         log.info("fategen listening on %s, ComfyUI at %s", ", ".join(urls), settings.comfyui_url)
+        log_setup(settings)
         task_status.started(Running(urls, service))
         await shutdown.wait()
         # Answer long-polls first, or they hold hypercorn's graceful shutdown.

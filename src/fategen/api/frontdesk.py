@@ -16,6 +16,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from fategen.core.availability import ModelAvailability
 from fategen.core.modelconfig import ModelConfig
 from fategen.core.prompt import GenerationRequest, parse_request
 from fategen.core.workflow import WorkflowTemplate, build_workflow
@@ -82,6 +83,8 @@ class Frontdesk:
     max_queue_per_user: int = 10
     #: Seconds an Idempotency-Key holds (24 hours, as Comfy's API v2).
     idempotency_ttl: float = 24 * 3600
+    #: Which models ComfyUI can run (unknown until it was reached).
+    availability: ModelAvailability = attrs.field(factory=ModelAvailability)
     rng: random.Random = attrs.field(factory=random.SystemRandom)
     stopping: bool = False
     _submit_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
@@ -95,6 +98,13 @@ class Frontdesk:
             # JSON may escape a lone UTF-16 surrogate (\\ud800); it cannot be stored or sent on.
             raise Refused("the message contains an invalid character (a lone surrogate)")
         request = parse_request(message, self.config, rng=self.rng)
+        reason = self.availability.reason(request.model)
+        if reason is not None:
+            others = self.availability.available(list(self.config.models))
+            raise Refused(
+                f'model "{request.model}" cannot run now: {reason}; '
+                + (f"available: {', '.join(others)}" if others else "no model can run now")
+            )
         spec = self.config.models[request.model]
         # Fail now, not in the queue, if the model's template cannot take this request.
         build_workflow(self.templates[spec.workflow], spec, request, filename_prefix="fategen")

@@ -15,7 +15,8 @@ blueprint = Blueprint("models", __name__)
 @validate_response(ModelsResponse, 200)
 async def models() -> tuple[ModelsResponse, int]:
     """Every configured model and the defaults."""
-    cfg = state().desk.config
+    desk = state().desk
+    cfg = desk.config
     d = cfg.defaults
     return (
         ModelsResponse(
@@ -28,6 +29,12 @@ async def models() -> tuple[ModelsResponse, int]:
                     height=spec.image_height,
                     steps=spec.steps,
                     description=spec.description,
+                    available=(
+                        None
+                        if not desk.availability.known
+                        else desk.availability.reason(model_id) is None
+                    ),
+                    unavailable_reason=desk.availability.reason(model_id),
                 )
                 for model_id, spec in cfg.models.items()
             ],

@@ -99,6 +99,10 @@ class ModelInfo:
     height: int
     steps: int
     description: str
+    #: Whether ComfyUI can run it now (None: ComfyUI not reached yet).
+    available: bool | None = None
+    #: Why not, when it cannot (one sentence).
+    unavailable_reason: str | None = None
 
 
 @attrs.frozen

@@ -1,28 +1,46 @@
-"""What a ComfyUI has installed, compared with what the configuration needs (start-up check)."""
+"""What a ComfyUI has installed, compared with what the configuration needs: the start-up
+warnings, and which models cannot run there (and why), read again on every reconnect."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import attrs
+
 from fategen.comfy.wire import ComfyRest
 
 
-async def check_setup(
-    rest: ComfyRest, node_classes: Mapping[str, set[str]], checkpoints: Mapping[str, str]
-) -> list[str]:
-    """Warnings (one sentence each) for what the configuration needs and ComfyUI lacks.
+@attrs.frozen
+class Inventory:
+    #: One sentence per thing missing.
+    warnings: list[str]
+    #: Model id -> why it cannot run on this ComfyUI (one sentence).
+    unavailable: dict[str, str]
+
+
+async def inspect(
+    rest: ComfyRest,
+    node_classes: Mapping[str, set[str]],
+    checkpoints: Mapping[str, str],
+    templates_of: Mapping[str, str] | None = None,
+) -> Inventory:
+    """Compare ComfyUI's ``/object_info`` and checkpoint list with the configuration.
 
     Args:
         node_classes: workflow template name -> the node class types it uses.
         checkpoints: model id -> checkpoint file name.
+        templates_of: model id -> its template (for the models a missing node type stops).
 
     Raises:
         ComfyUnavailable: ComfyUI cannot be reached.
     """
     warnings: list[str] = []
+    unavailable: dict[str, str] = {}
     info = await rest.object_info()
+    missing_nodes: dict[str, list[str]] = {}
     for template in sorted(node_classes):
-        for class_type in sorted(node_classes[template] - set(info)):
+        missing_nodes[template] = sorted(node_classes[template] - set(info))
+        for class_type in missing_nodes[template]:
             warnings.append(
                 f'workflow template "{template}" uses node type "{class_type}", which '
                 f"ComfyUI does not have (a custom node may be missing)"
@@ -38,4 +56,18 @@ async def check_setup(
         name = checkpoints[model_id]
         if name not in installed:
             warnings.append(f'model "{model_id}": checkpoint "{name}" is not installed on ComfyUI')
-    return warnings
+            unavailable[model_id] = f'its checkpoint "{name}" is not installed on ComfyUI'
+            continue
+        workflow = (templates_of or {}).get(model_id)
+        if workflow is not None and missing_nodes.get(workflow):
+            unavailable[model_id] = (
+                f'ComfyUI lacks the node type "{missing_nodes[workflow][0]}" its workflow uses'
+            )
+    return Inventory(warnings, unavailable)
+
+
+async def check_setup(
+    rest: ComfyRest, node_classes: Mapping[str, set[str]], checkpoints: Mapping[str, str]
+) -> list[str]:
+    """The start-up warnings (one sentence each) of `inspect`."""
+    return (await inspect(rest, node_classes, checkpoints)).warnings

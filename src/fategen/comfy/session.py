@@ -476,6 +476,19 @@ class ComfySession:
         """
         await self.rest.free(unload_models=unload_models, free_memory=free_memory)
 
+    async def inspect(
+        self,
+        node_classes: Mapping[str, set[str]],
+        checkpoints: Mapping[str, str],
+        templates_of: Mapping[str, str],
+    ) -> inventory.Inventory:
+        """What ComfyUI lacks of the configuration (see `fategen.comfy.inventory.inspect`)."""
+        return await inventory.inspect(self.rest, node_classes, checkpoints, templates_of)
+
+    async def wait_availability_change(self) -> None:
+        """Return once the WebSocket connects or disconnects."""
+        await self._available_changed.wait()
+
     async def check_setup(
         self, node_classes: Mapping[str, set[str]], checkpoints: Mapping[str, str]
     ) -> list[str]:
