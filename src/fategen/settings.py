@@ -274,6 +274,11 @@ class Settings:
     #: Bearer tokens, comma-separated; empty = no authentication.
     api_keys: frozenset[str] = _v("FATEGEN_API_KEYS", "", _keys("FATEGEN_API_KEYS"))
     admin_keys: frozenset[str] = _v("FATEGEN_ADMIN_KEYS", "", _keys("FATEGEN_ADMIN_KEYS"))
+    #: Reverse proxies in front of the service whose X-Forwarded-For/-Proto/-Host are
+    #: trusted (0: none; then the headers are ignored, so a client cannot forge them).
+    trusted_proxy_hops: int = _v(
+        "FATEGEN_TRUSTED_PROXY_HOPS", 0, _integer("FATEGEN_TRUSTED_PROXY_HOPS", low=0, high=10)
+    )
     #: The URL bots should use to reach this service (for image links); empty = from the request.
     public_url: str = _v("FATEGEN_PUBLIC_URL", "", lambda v: str(v).strip().rstrip("/"))
 

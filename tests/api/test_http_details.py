@@ -106,3 +106,27 @@ async def test_log_format_json_writes_one_object_per_line(tmp_path: Path) -> Non
     assert {"method": "POST", "path": "/request", "status": 200} in [
         {k: a["http"][k] for k in ("method", "path", "status")} for a in access
     ]
+
+
+async def test_behind_a_trusted_proxy_urls_use_the_forwarded_scheme_and_host(
+    tmp_path: Path,
+) -> None:
+    from conftest import open_stack
+
+    forwarded = {
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "img.example.org",
+        "X-Forwarded-For": "203.0.113.7",
+    }
+    body = {"message": f"a tram {TINY}", "nick": "p"}
+    async with open_stack(tmp_path / "trusted", FATEGEN_TRUSTED_PROXY_HOPS="1") as stack:
+        r = await stack.client.post("/request", json=body, headers=forwarded)
+        assert r.json()["job_url"].startswith("https://img.example.org/job/")
+        done = (await stack.client.get(f"/wait/{r.json()['job_id']}", headers=forwarded)).json()
+        assert done["image_url"].startswith("https://img.example.org/job/")
+        # The client is the one the proxy names, not this machine: no internals for it.
+        health = (await stack.client.get("/health", headers=forwarded)).json()
+        assert health["comfyui"]["url"] is None
+    async with open_stack(tmp_path / "untrusted") as stack:
+        r = await stack.client.post("/request", json=body, headers=forwarded)
+        assert r.json()["job_url"].startswith(stack.url)  # a client cannot forge them

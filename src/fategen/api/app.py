@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from flask.json.provider import JSONProvider
+from hypercorn.middleware import ProxyFixMiddleware
 from quart import Response, g, request
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from quart_trio import QuartTrio
@@ -124,6 +125,12 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
         output_dir=settings.output_dir.resolve(),
         all_keys=all_keys,
     )
+    if settings.trusted_proxy_hops:
+        # Behind a TLS proxy: the client's address, scheme and host from X-Forwarded-*, so
+        # the URLs in answers (image_url, job_url, wait_url) are the ones bots can reach.
+        app.asgi_app = ProxyFixMiddleware(  # type: ignore[method-assign]
+            app.asgi_app, mode="legacy", trusted_hops=settings.trusted_proxy_hops
+        )
     app.before_request(_start_clock)
     app.before_request(auth.authenticate)
     app.after_request(_access_log)
