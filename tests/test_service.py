@@ -253,6 +253,10 @@ async def test_openapi_document_validates_and_lists_every_route(stack: Stack) ->
     seed = doc["components"]["schemas"]["JobResponse"]["properties"]["seed"]
     assert (seed["minimum"], seed["maximum"]) == (0, 2**64 - 1)
     assert "2^53" in seed["description"]
+    status = doc["components"]["schemas"]["JobResponse"]["properties"]["status"]
+    assert set(status["enum"]) == {"queued", "processing", "completed", "failed", "cancelled"}
+    assert {"400", "422", "429", "503"} <= set(doc["paths"]["/request"]["post"]["responses"])
+    assert {"403", "404", "409"} <= set(doc["paths"]["/job/{job_id}"]["delete"]["responses"])
 
     def refs(node: Any) -> list[str]:
         if isinstance(node, dict):

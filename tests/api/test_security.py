@@ -56,8 +56,11 @@ async def test_keys_guard_every_endpoint_but_health_and_docs(
                     assert r.status_code == 401, (method, path, headers, r.text)
                     assert r.headers["WWW-Authenticate"] == "Bearer"
                     assert "API key" in r.json()["error"]
-            for path in ("/health", "/docs", "/redoc", "/openapi.json"):
+            for path in ("/health", "/ready", "/docs", "/redoc", "/openapi.json"):
                 assert (await c.get(path)).status_code == 200, path
+            doc = (await c.get("/openapi.json")).json()
+            assert "401" in doc["paths"]["/request"]["post"]["responses"]
+            assert "401" not in doc["paths"]["/health"]["get"]["responses"]
             assert (await c.get("/models", headers=bearer(USER_KEY))).status_code == 200
 
             # A user key submits; another nick cannot cancel; an admin key may, without a nick.

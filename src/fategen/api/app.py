@@ -89,9 +89,19 @@ def _provider(keys_required: bool) -> type[CompleteOpenAPIProvider]:
                 schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
                 schemes["bearer"] = {"type": "http", "scheme": "bearer"}
                 document["security"] = [{"bearer": []}]
-                for path in auth.OPEN_PATHS:
-                    for operation in paths.get(path, {}).values():
-                        operation["security"] = []
+                for path, item in paths.items():
+                    for operation in item.values():
+                        if path in auth.OPEN_PATHS:
+                            operation["security"] = []
+                        else:
+                            operation.setdefault("responses", {})[401] = {
+                                "description": "No valid API key (Authorization: Bearer <key>)",
+                                "content": {
+                                    "application/json": {
+                                        "schema": {"$ref": "#/components/schemas/ErrorResponse"}
+                                    }
+                                },
+                            }
             return document
 
     return Provider

@@ -44,6 +44,7 @@ class IdempotencyHeaders:
 @validate_response(ErrorResponse, 400)
 @validate_response(ErrorResponse, 422)
 @validate_response(ErrorResponse, 429)
+@validate_response(ErrorResponse, 503)
 async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, str]]:
     """Queue a chat line as an image job.
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import attrs
 from msgspec import Meta
 from msgspec.json import schema_components
 from quart_schema import OpenAPIProvider
+
+#: A job's status, one of these (the OpenAPI document lists them as an enum).
+JobState = Literal["queued", "processing", "completed", "failed", "cancelled"]
 
 
 @attrs.frozen
@@ -21,7 +24,7 @@ class SubmitRequest:
 @attrs.frozen
 class SubmitResponse:
     job_id: str
-    status: str
+    status: JobState
     #: 0 while processing, 1 when it runs next, ...
     queue_position: int | None
     #: Where to ask about the job.
@@ -46,7 +49,7 @@ class Progress:
 class JobResponse:
     job_id: str
     #: queued, processing, completed, failed or cancelled
-    status: str
+    status: JobState
     queue_position: int | None
     progress: Progress
     #: Path of the finished WebP on the service's host.
