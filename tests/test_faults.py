@@ -151,6 +151,10 @@ async def test_comfy_dies_mid_job_retried_once_then_failed(tmp_path: Path, death
                 done = await wait(client, job_id)
                 if deaths == 1:
                     assert done["status"] == "completed", done
+                    # It ran twice; "finished in" counts from its first start.
+                    job = running.store.get(job_id)
+                    assert job is not None and job.first_started is not None
+                    assert job.started is not None and job.first_started < job.started
                 else:
                     assert done["status"] == "failed", done
                     assert "lost the job" in done["error"]

@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         help="run the service",
         description=(
             "Run the service. Settings come from environment variables, then from the .env "
-            "file (--env-file); the environment wins. 'fategen init' writes a commented "
-            "example of every setting."
+            "file (--env-file); the environment wins. 'fategen settings' lists every setting "
+            "with its value and where it came from; 'fategen init' writes a commented .env "
+            "of them all."
         ),
     )
     serve.add_argument("--host", help="address to listen on (FATEGEN_HOST)")

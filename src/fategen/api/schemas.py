@@ -13,72 +13,97 @@ from quart_schema import OpenAPIProvider
 JobState = Literal["queued", "processing", "completed", "failed", "cancelled"]
 
 
+def _d(description: str, *examples: object) -> Meta:
+    """A field's description (and examples) for the OpenAPI document."""
+    return Meta(description=description, examples=list(examples) if examples else None)
+
+
+_JOB_ID = "3f0c2a9e-5b7d-4c1e-9a8f-1d2e3c4b5a69"
+_BASE = "http://127.0.0.1:8000"
+
+
 @attrs.frozen
 class SubmitRequest:
     """A chat line to turn into images: ``a cat on a roof -m illustriousXL -c 2``."""
 
-    message: str
-    nick: str
+    message: Annotated[
+        str,
+        _d(
+            "The user's line: the prompt, then modifiers (-m model, -w/-h size, -c count, "
+            "-s seed, --ar W:H, --no negative prompt).",
+            "a cyberpunk city at dusk -m illustriousXL -w 1280 -h 720 -c 4 --no blurry, text",
+        ),
+    ]
+    nick: Annotated[str, _d("Who asked: the user's nick on the chat network.", "alice")]
 
 
 @attrs.frozen
 class SubmitResponse:
-    job_id: str
-    status: JobState
-    #: 0 while processing, 1 when it runs next, ...
-    queue_position: int | None
-    #: Where to ask about the job.
-    job_url: str
-    wait_url: str
+    job_id: Annotated[str, _d("The job's id (a UUID).", _JOB_ID)]
+    status: Annotated[JobState, _d("The job's status; a new job is queued.", "queued")]
+    queue_position: Annotated[
+        int | None, _d("0 while processing, 1 when it runs next, ...; null once finished.", 1)
+    ]
+    job_url: Annotated[str, _d("Where to read the job's state.", f"{_BASE}/job/{_JOB_ID}")]
+    wait_url: Annotated[str, _d("Where to wait for its end.", f"{_BASE}/wait/{_JOB_ID}")]
 
 
 @attrs.frozen
 class ErrorResponse:
     """``error`` is one sentence a bot can relay to a person."""
 
-    error: str
+    error: Annotated[
+        str,
+        _d(
+            "One sentence a bot can relay to a person.",
+            'unknown model "illustrius"; did you mean illustriousXL?',
+        ),
+    ]
 
 
 @attrs.frozen
 class Progress:
-    step: int
-    of: int
+    step: Annotated[int, _d("Sampler steps done.", 12)]
+    of: Annotated[int, _d("Sampler steps in all (0 before the first).", 28)]
 
 
 @attrs.frozen
 class JobResponse:
-    job_id: str
-    #: queued, processing, completed, failed or cancelled
-    status: JobState
-    queue_position: int | None
-    progress: Progress
-    #: Path of the finished WebP on the service's host.
-    result: str | None
-    #: URL of the finished WebP, for bots on another host.
-    image_url: str | None
-    error: str | None
-    nick: str
-    prompt: str
-    negative: str
-    model: str
-    width: int
-    height: int
-    count: int
+    job_id: Annotated[str, _d("The job's id (a UUID).", _JOB_ID)]
+    status: Annotated[JobState, _d("Where the job is.", "processing")]
+    queue_position: Annotated[
+        int | None, _d("0 while processing, 1 when it runs next, ...; null once finished.", 0)
+    ]
+    progress: Annotated[Progress, _d("Sampler steps while it runs.")]
+    result: Annotated[str | None, _d("Path of the finished WebP on the service's host.")]
+    image_url: Annotated[
+        str | None,
+        _d("URL of the finished WebP, for bots on another host.", f"{_BASE}/job/{_JOB_ID}/image"),
+    ]
+    error: Annotated[str | None, _d("Why it failed, in one sentence (failed jobs only).")]
+    nick: Annotated[str, _d("Who asked.", "alice")]
+    prompt: Annotated[str, _d("The prompt text, modifiers removed.", "a cyberpunk city at dusk")]
+    negative: Annotated[str, _d("The negative prompt.", "blurry, text")]
+    model: Annotated[str, _d("The model id (see /models).", "illustriousXL")]
+    width: Annotated[int, _d("Width of each image in pixels.", 1280)]
+    height: Annotated[int, _d("Height of each image in pixels.", 720)]
+    count: Annotated[int, _d("Number of images (1 to 4), laid out on one grid.", 4)]
     seed: Annotated[
         int,
         Meta(
             ge=0,  # and at most 2^64-1: msgspec takes no bound past int64, the provider adds it
             description="The job's seed: 0 to 2^64-1 when a user gives one; fategen draws "
             "random seeds below 2^53, which JavaScript numbers hold exactly.",
+            examples=[1234567890123],
         ),
     ]
-    #: ISO 8601 times, UTC.
-    created: str
-    started: str | None
-    finished: str | None
-    cancelled_by: str | None
-    #: The name of the API key that submitted the job (None with keys off).
-    key: str | None = None
+    created: Annotated[str, _d("When it was accepted (ISO 8601, UTC).")]
+    started: Annotated[str | None, _d("When ComfyUI started it (ISO 8601, UTC).")]
+    finished: Annotated[str | None, _d("When it finished (ISO 8601, UTC).")]
+    cancelled_by: Annotated[str | None, _d("Who cancelled it: the nick, or admin.")]
+    key: Annotated[
+        str | None, _d("The name of the API key that submitted it (null with keys off).")
+    ] = None
 
 
 @attrs.frozen

@@ -371,8 +371,8 @@ class ComfySession:
             return None
         if where.entry is None:
             raise ComfyUnavailable(
-                "ComfyUI lost the job (it is neither queued nor in its history, "
-                "ComfyUI probably restarted); it can be submitted again"
+                "ComfyUI lost the job (it is neither queued nor in its history: "
+                "ComfyUI probably restarted)"
             )
         tracker.connection = connection
         return images_from_entry(where.entry, tracker.workflow)

@@ -90,7 +90,7 @@ class PostProcessor:
             result=path.name,
             finished=finished,
         )
-        took = finished - (job.started or finished)
+        took = finished - (job.first_started or job.started or finished)  # from the first start
         log.info(
             "job %s finished in %.1f s: %s",
             job.id,

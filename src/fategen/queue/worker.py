@@ -246,13 +246,15 @@ class ComfyWorker:
     async def _follow(self, job: Job) -> None:
         # A start counts when ComfyUI is to run the job, not when a restart finds it done.
         attempts = job.attempts + (1 if job.generated is None else 0)
+        now = time.time()
         # The hand-over from queued to processing is one transition: a job cancelled while
         # it waited ahead (or at this very moment) does not start.
         started = await self.store.update(
             job,
             expect=(JobStatus.QUEUED,),
             status=JobStatus.PROCESSING,
-            started=time.time(),
+            started=now,
+            first_started=job.first_started or now,
             attempts=attempts,
             progress_value=0,
             progress_max=0,
@@ -284,7 +286,13 @@ class ComfyWorker:
                 if job.id in self._cancels:
                     pass
                 elif attempts < MAX_ATTEMPTS:
-                    log.warning("job %s lost by ComfyUI (%s); queued to run again", job.id, exc)
+                    log.warning(
+                        "job %s: %s; running it again (attempt %d of %d)",
+                        job.id,
+                        exc,
+                        attempts + 1,
+                        MAX_ATTEMPTS,
+                    )
                     await self.store.update(
                         job,
                         expect=(JobStatus.PROCESSING,),
@@ -295,7 +303,9 @@ class ComfyWorker:
                     self.scheduler.wake()
                     return
                 else:
-                    await self._fail(job, f"{exc} (it was tried {attempts} times)")
+                    await self._fail(
+                        job, f"{exc}; it was tried {attempts} times, so it failed (submit it again)"
+                    )
                     return
             except FategenError as exc:
                 if job.id not in self._cancels:

@@ -61,6 +61,8 @@ class Job:
     generated: float | None = None
     #: How many times fategen stopped while ComfyUI was executing the job (two fail it).
     interruptions: int = 0
+    #: When the job first started (kept when it runs again): "finished in" counts from it.
+    first_started: float | None = None
     #: The name of the API key that submitted it (None with keys off). A nick belongs to
     #: its key: "alice" of one bot and "alice" of another are two users.
     key_name: str | None = None
