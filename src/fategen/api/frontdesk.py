@@ -187,7 +187,13 @@ class Frontdesk:
             request.count,
             request.seed,
             view.queue_position,
-            extra={"job_id": job.id, "nick": nick, "model": request.model, "event": "accepted"},
+            extra={
+                "job_id": job.id,
+                "nick": nick,
+                "key": key_name,
+                "model": request.model,
+                "event": "accepted",
+            },
         )
         return view, False
 
@@ -237,7 +243,12 @@ class Frontdesk:
                     "job %s cancelled by %s while queued",
                     job.id,
                     who,
-                    extra={"job_id": job.id, "nick": job.nick, "event": "cancelled"},
+                    extra={
+                        "job_id": job.id,
+                        "nick": job.nick,
+                        "key": job.key_name,
+                        "event": "cancelled",
+                    },
                 )
             elif job.ended():
                 raise Refused(f"job {job_id} has already {job.status.value}", 409)

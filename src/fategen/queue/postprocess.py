@@ -79,7 +79,12 @@ class PostProcessor:
                     "job %s failed: %s",
                     job.id,
                     exc,
-                    extra={"job_id": job.id, "nick": job.nick, "event": "failed"},
+                    extra={
+                        "job_id": job.id,
+                        "nick": job.nick,
+                        "key": job.key_name,
+                        "event": "failed",
+                    },
                 )
             return
         finished = time.time()
@@ -96,7 +101,7 @@ class PostProcessor:
             job.id,
             took,
             path.name,
-            extra={"job_id": job.id, "nick": job.nick, "event": "completed"},
+            extra={"job_id": job.id, "nick": job.nick, "key": job.key_name, "event": "completed"},
         )
 
     async def _fetch_in_time(self, job: Job, refs: Sequence[ImageRef]) -> list[bytes]:

@@ -128,7 +128,12 @@ class ComfyWorker:
                 "job %s cancelled by %s",
                 job.id,
                 by,
-                extra={"job_id": job.id, "nick": job.nick, "event": "cancelled"},
+                extra={
+                    "job_id": job.id,
+                    "nick": job.nick,
+                    "key": job.key_name,
+                    "event": "cancelled",
+                },
             )
 
     def _release(self, job: Job) -> None:
@@ -144,7 +149,7 @@ class ComfyWorker:
                 "job %s failed: %s",
                 job.id,
                 error,
-                extra={"job_id": job.id, "nick": job.nick, "event": "failed"},
+                extra={"job_id": job.id, "nick": job.nick, "key": job.key_name, "event": "failed"},
             )
 
     async def withdraw_submitted(self) -> None:
@@ -269,7 +274,13 @@ class ComfyWorker:
             job.model,
             job.request.count,
             attempts,
-            extra={"job_id": job.id, "nick": job.nick, "model": job.model, "event": "started"},
+            extra={
+                "job_id": job.id,
+                "nick": job.nick,
+                "key": job.key_name,
+                "model": job.model,
+                "event": "started",
+            },
         )
 
         def progress(value: int, maximum: int) -> None:
