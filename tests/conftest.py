@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from PIL import Image
 
 from fategen.service import Running, run_service
 from fategen.settings import Settings
@@ -43,6 +46,32 @@ def service_env(tmp_path: Path, **env: str) -> dict[str, str]:
     }
     base.update(env)
     return base
+
+
+def solid(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """An image of one colour."""
+    return Image.new("RGB", size, color)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+async def wait_healthy(client: httpx.AsyncClient) -> None:
+    """Until a service started in another process answers /health (wrap it in a timeout)."""
+    while True:
+        try:
+            if (await client.get("/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await trio.sleep(0.1)
 
 
 def make_settings(tmp_path: Path, **env: str) -> Settings:

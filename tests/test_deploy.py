@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from conftest import free_port, service_env
+from conftest import free_port, service_env, wait_healthy
 from fategen.simulator import Simulator, SimulatorKnobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,16 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def process_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
     return {**os.environ, **service_env(tmp_path, FATEGEN_PORT=str(port), **extra)}
-
-
-async def wait_healthy(client: httpx.AsyncClient) -> None:
-    while True:
-        try:
-            if (await client.get("/health")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await trio.sleep(0.1)
 
 
 async def one_job(client: httpx.AsyncClient) -> None:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import free_port, service_env
+from conftest import free_port, service_env, wait_healthy
 from fategen.api import server
 from fategen.simulator import Simulator, SimulatorKnobs
 
@@ -94,12 +94,7 @@ async def test_idle_socket_flood_at_1024_fds_fails_no_job(tmp_path: Path) -> Non
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
                 with trio.fail_after(20):
-                    while True:
-                        try:
-                            if (await c.get("/health")).status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            await trio.sleep(0.1)
+                    await wait_healthy(c)
                 ids = []
                 for i in range(3):
                     r = await c.post(

@@ -4,19 +4,21 @@ seed's configuration layout works; ``fategen init`` gives an operator files to e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_healthy
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("FATEGEN_", "COMFYUI_"))}
 
@@ -127,37 +129,43 @@ def test_version_and_settings(tmp_path: Path) -> None:
     assert "secret" not in shown.stdout
 
 
-async def _serve_one_job(cwd: Path, env: dict[str, str], message: str) -> dict[str, object]:
-    port = int(env["FATEGEN_PORT"])
+@contextlib.asynccontextmanager
+async def serving(
+    cwd: Path, env: dict[str, str], *extra: str, stderr: int = subprocess.DEVNULL
+) -> AsyncIterator[tuple[trio.Process, httpx.AsyncClient]]:
+    """``fategen serve --simulate`` as a process, healthy, and a client for it; stopped
+    (SIGTERM, then SIGKILL) on the way out."""
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "fategen", "serve", "--simulate"],
+        [sys.executable, "-m", "fategen", "serve", "--simulate", *extra],
         cwd=str(cwd),
         env={**BASE_ENV, **env},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
     )
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        url = f"http://127.0.0.1:{env['FATEGEN_PORT']}"
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             with trio.fail_after(30):
-                while True:
-                    try:
-                        if (await c.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await trio.sleep(0.1)
-                r = await c.post("/request", json={"message": message, "nick": "newcomer"})
-                assert r.status_code == 200, r.text
-                done = await c.get(f"/wait/{r.json()['job_id']}", params={"timeout": 20})
-                models = (await c.get("/models")).json()
-        body: dict[str, object] = done.json()
-        body["models"] = [m["id"] for m in models["models"]]
-        return body
+                await wait_healthy(client)
+            yield proc, client
     finally:
         proc.terminate()
         with trio.move_on_after(15):
             await proc.wait()
         if proc.returncode is None:
             proc.kill()
+
+
+async def _serve_one_job(cwd: Path, env: dict[str, str], message: str) -> dict[str, object]:
+    async with serving(cwd, env) as (_, c):
+        with trio.fail_after(30):
+            r = await c.post("/request", json={"message": message, "nick": "newcomer"})
+            assert r.status_code == 200, r.text
+            done = await c.get(f"/wait/{r.json()['job_id']}", params={"timeout": 20})
+            models = (await c.get("/models")).json()
+    body: dict[str, object] = done.json()
+    body["models"] = [m["id"] for m in models["models"]]
+    return body
 
 
 async def test_serve_works_from_an_empty_directory(tmp_path: Path) -> None:
@@ -229,43 +237,23 @@ async def test_the_wheel_carries_the_configuration_and_serves_with_it(tmp_path: 
 
 async def test_a_slow_simulator_lets_a_person_watch_progress_and_cancel(tmp_path: Path) -> None:
     env = files_env(tmp_path)
-    port = int(env["FATEGEN_PORT"])
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "fategen", "serve", "--simulate", "--simulate-step-seconds", "0.3"],
-        cwd=str(tmp_path),
-        env={**BASE_ENV, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-            with trio.fail_after(30):
-                while True:
-                    try:
-                        if (await c.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await trio.sleep(0.1)
-                r = await c.post("/request", json={"message": "slow -m tiny", "nick": "me"})
-                job_id = r.json()["job_id"]
-                seen = []
-                while not seen or seen[-1] < 2:
-                    job = (await c.get(f"/job/{job_id}")).json()
-                    if job["status"] == "processing" and job["progress"]["step"]:
-                        seen.append(job["progress"]["step"])
-                    await trio.sleep(0.05)
-                cancelled = await c.delete(f"/job/{job_id}", params={"nick": "me"})
-        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-        assert seen[0] >= 1 and seen[-1] < 4  # caught mid-way, step by step
-    finally:
-        proc.terminate()
-        with trio.move_on_after(15):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
+    slow = ("--simulate-step-seconds", "0.3")
+    async with serving(tmp_path, env, *slow, stderr=subprocess.PIPE) as (proc, c):
+        with trio.fail_after(30):
+            r = await c.post("/request", json={"message": "slow -m tiny", "nick": "me"})
+            job_id = r.json()["job_id"]
+            seen = []
+            while not seen or seen[-1] < 2:
+                job = (await c.get(f"/job/{job_id}")).json()
+                if job["status"] == "processing" and job["progress"]["step"]:
+                    seen.append(job["progress"]["step"])
+                await trio.sleep(0.05)
+            cancelled = await c.delete(f"/job/{job_id}", params={"nick": "me"})
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert seen[0] >= 1 and seen[-1] < 4  # caught mid-way, step by step
     assert proc.stderr is not None
     log = (await proc.stderr.receive_some(1 << 20)).decode()
-    assert log.count(f"Running on http://127.0.0.1:{port}") == 1, log
+    assert log.count(f"Running on http://127.0.0.1:{env['FATEGEN_PORT']}") == 1, log
 
 
 async def test_ctrl_c_stops_the_simulator_quietly(tmp_path: Path) -> None:

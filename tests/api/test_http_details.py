@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import ROOT, Stack, free_port, service_env
+from conftest import ROOT, Stack, free_port, service_env, wait_healthy
 
 TINY = "-m tiny -w 256 -h 256"
 
@@ -83,12 +83,7 @@ async def test_log_format_json_writes_one_object_per_line(tmp_path: Path) -> Non
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             with trio.fail_after(30):
-                while True:
-                    try:
-                        if (await c.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await trio.sleep(0.1)
+                await wait_healthy(c)
                 r = await c.post("/request", json={"message": f"a owl {TINY}", "nick": "j"})
                 job_id = r.json()["job_id"]
                 await c.get(f"/wait/{job_id}", params={"timeout": 20})

@@ -1,30 +1,15 @@
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import png, solid
 from fategen.core.grid import decode_images, encode_webp, make_grid
 from fategen.errors import ImageError
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
-
-
-def solid(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
-    return Image.new("RGB", size, color)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def files(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
 
 
 # --- grid geometry -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 import os
 from pathlib import Path
 
@@ -11,25 +10,12 @@ import pytest
 import trio
 from PIL import Image
 
+from conftest import files, png, solid
 from fategen.errors import ImageError
 from fategen.queue import postprocess
 from fategen.queue.postprocess import render_result, render_result_async, write_atomic
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-
-
-def solid(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
-    return Image.new("RGB", size, color)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def files(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
 
 
 # --- writing -----------------------------------------------------------------------------------
