@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hmac
+from typing import cast
 
 import attrs
-from quart import Response, request
+from quart import Response, g, request
 
 from fategen.api.common import error, state
 from fategen.settings import split_key
@@ -49,14 +50,21 @@ class Caller:
 
 
 def caller() -> Caller | None:
-    """The key of the current request, or None (no key, or keys are off)."""
+    """The key of the current request, or None (no key, or keys are off). Worked out once
+    per request (the check, the routes and the access log all ask)."""
+    if "caller" in g:
+        return cast(Caller | None, g.caller)
     token = key_of_request()
     settings = state().settings
+    found: Caller | None = None
     admin = _name_of(token, settings.admin_keys)
     if admin is not None:
-        return Caller(admin, True)
-    user = _name_of(token, settings.api_keys)
-    return None if user is None else Caller(user, False)
+        found = Caller(admin, True)
+    else:
+        user = _name_of(token, settings.api_keys)
+        found = None if user is None else Caller(user, False)
+    g.caller = found
+    return found
 
 
 def key_label() -> str:
@@ -77,7 +85,7 @@ def may_see_details() -> bool:
     """Whether the caller may see internals (ComfyUI's address, errors): with keys on, any
     valid key; with keys off, a caller on this machine."""
     if state().all_keys:
-        return matches(key_of_request(), state().all_keys)
+        return caller() is not None
     return (request.remote_addr or "") in ("127.0.0.1", "::1", "localhost")
 
 
@@ -86,7 +94,7 @@ async def authenticate() -> Response | None:
     all_keys = state().all_keys
     if not all_keys or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX):
         return None
-    if not matches(key_of_request(), all_keys):
+    if caller() is None:
         return error(
             "a valid API key is required (Authorization: Bearer <key>)",
             401,

@@ -231,14 +231,7 @@ class Frontdesk:
         if job.generated is not None:
             raise self._too_late(job)
         if job.status is JobStatus.QUEUED and not self.scheduler.is_dispatched(job.id):
-            cancelled = await self.store.update(
-                job,
-                expect=(JobStatus.QUEUED,),
-                status=JobStatus.CANCELLED,
-                cancelled_by=who,
-                finished=time.time(),
-            )
-            if cancelled:
+            if await self.store.cancel_queued(job, who):
                 log.info(
                     "job %s cancelled by %s while queued",
                     job.id,

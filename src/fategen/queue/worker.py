@@ -92,14 +92,7 @@ class ComfyWorker:
         if job.generated is not None or job.status.finished:
             return False
         self._cancels[job.id] = by
-        cancelled = await self.store.update(
-            job,
-            expect=(JobStatus.QUEUED,),
-            status=JobStatus.CANCELLED,
-            cancelled_by=by,
-            finished=time.time(),
-        )
-        if cancelled:
+        if await self.store.cancel_queued(job, by):
             log.info("job %s cancelled by %s before it started", job.id, by)
         scope = self._scopes.get(job.id)
         if scope is not None:

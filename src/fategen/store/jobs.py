@@ -208,6 +208,17 @@ class JobStore:
         self._changed_now(job)
         return True
 
+    async def cancel_queued(self, job: Job, by: str) -> bool:
+        """Cancel a job that has not started (queued, dispatched or not): the one transition
+        from queued to cancelled. False if it was no longer queued."""
+        return await self.update(
+            job,
+            expect=(JobStatus.QUEUED,),
+            status=JobStatus.CANCELLED,
+            cancelled_by=by,
+            finished=time.time(),
+        )
+
     def set_progress(self, job: Job, value: int, maximum: int) -> None:
         """Progress is not persisted (it is meaningless after a restart)."""
         job.progress_value, job.progress_max = value, maximum
