@@ -31,7 +31,7 @@ async def health() -> tuple[HealthResponse, int]:
                 error=desk.health.last_error if details else None,
             ),
             queued=store.count_queued(),
-            processing=len(store.processing()),
+            processing=store.count_processing(),
         ),
         200,
     )

@@ -7,6 +7,7 @@ becomes visible, then wakes whoever waits on that job. Readers (the HTTP front e
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -49,6 +50,11 @@ class JobStore:
         #: back to 0 (not on every change: the watchdog only cares about idle vs busy).
         self.on_activity: Callable[[int], None] = lambda active: None
         self._active = 0
+        #: Jobs by status, and queued jobs by user: kept up to date on every change, so
+        #: counting (the caps on each submit, activity on each write, /health) is O(1)
+        #: instead of a scan of every job held, finished ones included.
+        self._by_status: collections.Counter[JobStatus] = collections.Counter()
+        self._queued_by_user: collections.Counter[str] = collections.Counter()
         self._any_change = trio.Event()
         #: Bumped on every change of a job's state; keys the cached queue positions.
         self._version = 0
@@ -67,6 +73,7 @@ class JobStore:
         interrupted = []
         for job in jobs:
             self._jobs[job.id] = job
+            self._count(job, 1)
             self._seq = max(self._seq, job.seq)
             if job.idempotency_key:
                 self._idempotency[(job.user, job.idempotency_key)] = job.id
@@ -128,12 +135,21 @@ class JobStore:
         return self._positions_cache
 
     def count_queued(self, user: str | None = None) -> int:
-        """Queued jobs, of one user (`Job.user`) or of everyone."""
-        return sum(
-            1
-            for j in self._jobs.values()
-            if j.status is JobStatus.QUEUED and (user is None or j.user == user)
-        )
+        """Queued jobs, of one user (`Job.user`) or of everyone (O(1))."""
+        if user is None:
+            return self._by_status[JobStatus.QUEUED]
+        return self._queued_by_user[user]
+
+    def count_processing(self) -> int:
+        """Jobs processing now (O(1))."""
+        return self._by_status[JobStatus.PROCESSING]
+
+    def _count(self, job: Job, delta: int) -> None:
+        self._by_status[job.status] += delta
+        if job.status is JobStatus.QUEUED:
+            self._queued_by_user[job.user] += delta
+            if not self._queued_by_user[job.user]:
+                del self._queued_by_user[job.user]
 
     async def forget_idempotency_key(self, job: Job) -> None:
         """The job's Idempotency-Key expired: a new request may use it."""
@@ -180,6 +196,7 @@ class JobStore:
         job.seq = self._seq
         await self._db.run(self._db.insert, job)
         self._jobs[job.id] = job
+        self._count(job, 1)
         if job.idempotency_key:
             self._idempotency[(job.user, job.idempotency_key)] = job.id
         self._changed_now(job)
@@ -203,8 +220,10 @@ class JobStore:
             # overwritten on disk by a copy taken before it was applied.
             candidate = attrs.evolve(job, **changes)
             await self._db.run(self._db.save, candidate)
+            self._count(job, -1)
             for name, value in changes.items():
                 setattr(job, name, value)
+            self._count(job, 1)
         self._changed_now(job)
         return True
 
@@ -227,7 +246,8 @@ class JobStore:
     async def delete(self, jobs: list[Job]) -> None:
         await self._db.run(self._db.delete, [j.id for j in jobs])
         for job in jobs:
-            self._jobs.pop(job.id, None)
+            if self._jobs.pop(job.id, None) is not None:
+                self._count(job, -1)
             if job.idempotency_key:
                 self._idempotency.pop((job.user, job.idempotency_key), None)
             self._wake(job.id)
@@ -253,7 +273,7 @@ class JobStore:
             event.set()
 
     def _note_activity(self) -> None:
-        active = sum(1 for j in self._jobs.values() if not j.status.finished)
+        active = self._by_status[JobStatus.QUEUED] + self._by_status[JobStatus.PROCESSING]
         was_busy = self._active > 0
         self._active = active
         if (active > 0) != was_busy:
