@@ -1,5 +1,6 @@
-"""The store's counters (queued in all and per user, processing, active) are kept on every
-change instead of scanning every job: checked against a scan after random changes."""
+"""The store's counters (queued in all and per user, processing, active) and its set of queued
+jobs are kept on every change instead of scanning every job: checked against a scan after
+random changes."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def scanned(store: JobStore, users: set[str]) -> dict[str, object]:
 
 
 def counted(store: JobStore, users: set[str]) -> dict[str, object]:
+    assert sorted(j.id for j in store.queued()) == sorted(
+        j.id for j in store.all_jobs() if j.status is JobStatus.QUEUED
+    )
     return {
         "queued": store.count_queued(),
         "processing": store.count_processing(),

@@ -55,6 +55,8 @@ class JobStore:
         #: instead of a scan of every job held, finished ones included.
         self._by_status: collections.Counter[JobStatus] = collections.Counter()
         self._queued_by_user: collections.Counter[str] = collections.Counter()
+        #: The queued jobs themselves: ordering the queue reads these, not every job held.
+        self._queued: dict[str, Job] = {}
         self._any_change = trio.Event()
         #: Bumped on every change of a job's state; keys the cached queue positions.
         self._version = 0
@@ -112,7 +114,7 @@ class JobStore:
 
     def queued(self) -> list[Job]:
         """Queued jobs in the order they will run."""
-        return self.order_queued([j for j in self._jobs.values() if j.status is JobStatus.QUEUED])
+        return self.order_queued(list(self._queued.values()))
 
     def processing(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.status is JobStatus.PROCESSING]
@@ -145,11 +147,16 @@ class JobStore:
         return self._by_status[JobStatus.PROCESSING]
 
     def _count(self, job: Job, delta: int) -> None:
+        """Count the job in (``delta`` 1) or out (-1) of the counters and the queued set."""
         self._by_status[job.status] += delta
         if job.status is JobStatus.QUEUED:
             self._queued_by_user[job.user] += delta
             if not self._queued_by_user[job.user]:
                 del self._queued_by_user[job.user]
+            if delta > 0:
+                self._queued[job.id] = job
+            else:
+                self._queued.pop(job.id, None)
 
     async def forget_idempotency_key(self, job: Job) -> None:
         """The job's Idempotency-Key expired: a new request may use it."""
