@@ -157,17 +157,21 @@ class Simulator:
         config.errorlog = logger
         shutdown = trio.Event()
         http_done = trio.Event()
-        http_scope = trio.CancelScope(shield=True)
+        #: Shielded once the server runs, so a cancel stops it gracefully (websockets first);
+        #: not while it starts, or a Ctrl+C then would leave `nursery.start` waiting on it.
+        http_scope = trio.CancelScope()
         app = create_app(self)
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                partial(self._serve_http, app, config, shutdown, http_scope, http_done)
-            )
-            await nursery.start(self.engine.run)
-            self.host = host
-            self.port = int(binds[0].rsplit(":", 1)[1])
-            task_status.started(self.port)
+            # Whatever stops this task (Ctrl+C may come at any point) stops the HTTP task too.
             try:
+                binds: list[str] = await nursery.start(
+                    partial(self._serve_http, app, config, shutdown, http_scope, http_done)
+                )
+                http_scope.shield = True
+                await nursery.start(self.engine.run)
+                self.host = host
+                self.port = int(binds[0].rsplit(":", 1)[1])
+                task_status.started(self.port)
                 await trio.sleep_forever()
             finally:
                 with trio.move_on_after(2 * _STOP_GRACE_SECONDS, shield=True):
@@ -188,11 +192,17 @@ class Simulator:
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run hypercorn in ``scope`` (shielded: ``serve`` stops it gracefully, then cancels)."""
+        """Run hypercorn in ``scope`` (shielded once it runs: ``serve`` stops it gracefully,
+        then cancels)."""
         try:
             with scope:
                 await hypercorn_serve(
                     app, config, shutdown_trigger=shutdown.wait, task_status=task_status
                 )
+            if not shutdown.is_set() and not scope.cancelled_caught:
+                # hypercorn stops by itself on a KeyboardInterrupt raised inside its tasks
+                # (trio raises Ctrl+C in whichever task runs) and swallows it: pass it on,
+                # or the simulator would go on without its HTTP server.
+                raise KeyboardInterrupt
         finally:
             done.set()
