@@ -23,7 +23,7 @@ from fategen.api.schemas import CompleteOpenAPIProvider
 from fategen.api.server import ClosingHTTPConnection
 from fategen.core.prompt import MAX_SEED
 from fategen.errors import PromptError, WorkflowError
-from fategen.settings import Settings
+from fategen.settings import Settings, split_key
 
 __all__ = ["MAX_BODY", "create_app"]
 
@@ -115,12 +115,16 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["JSON_SORT_KEYS"] = False
     app.config.update(docs.CONFIG)  # the documentation's assets from fategen, not a CDN
-    all_keys = settings.api_keys | settings.admin_keys
+    keys = tuple(
+        (token, name, admin)
+        for admin, entries in ((True, settings.admin_keys), (False, settings.api_keys))
+        for name, token in map(split_key, sorted(entries))
+    )
     QuartSchema(
         app,
         swagger_ui_path="/docs",
         redoc_ui_path="/redoc",
-        openapi_provider_class=_provider(bool(all_keys)),
+        openapi_provider_class=_provider(bool(keys)),
         info={
             "title": "fategen",
             "version": __version__,
@@ -133,7 +137,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
         settings=settings,
         comfyui_url=comfyui_url,
         output_dir=settings.output_dir.resolve(),
-        all_keys=all_keys,
+        keys=keys,
     )
     if settings.trusted_proxy_hops:
         # Behind a TLS proxy: the client's address, scheme and host from X-Forwarded-*, so

@@ -28,9 +28,9 @@ class ApiState:
     settings: Settings
     comfyui_url: str
     output_dir: Path
-    #: Every API and admin key (empty: keys are off), as configured (``name:TOKEN`` or
-    #: ``TOKEN``).
-    all_keys: frozenset[str]
+    #: Every API and admin key as (token, name, is admin), parsed once at start (empty:
+    #: keys are off); admin keys first.
+    keys: tuple[tuple[str, str, bool], ...]
 
 
 def state() -> ApiState:

@@ -187,13 +187,7 @@ class Frontdesk:
             request.count,
             request.seed,
             view.queue_position,
-            extra={
-                "job_id": job.id,
-                "nick": nick,
-                "key": key_name,
-                "model": request.model,
-                "event": "accepted",
-            },
+            extra=job.log_fields("accepted"),
         )
         return view, False
 
@@ -236,12 +230,7 @@ class Frontdesk:
                     "job %s cancelled by %s while queued",
                     job.id,
                     who,
-                    extra={
-                        "job_id": job.id,
-                        "nick": job.nick,
-                        "key": job.key_name,
-                        "event": "cancelled",
-                    },
+                    extra=job.log_fields("cancelled"),
                 )
             elif job.ended():
                 raise Refused(f"job {job_id} has already {job.status.value}", 409)

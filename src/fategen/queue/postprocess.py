@@ -79,12 +79,7 @@ class PostProcessor:
                     "job %s failed: %s",
                     job.id,
                     exc,
-                    extra={
-                        "job_id": job.id,
-                        "nick": job.nick,
-                        "key": job.key_name,
-                        "event": "failed",
-                    },
+                    extra=job.log_fields("failed"),
                 )
             return
         finished = time.time()
@@ -101,7 +96,7 @@ class PostProcessor:
             job.id,
             took,
             path.name,
-            extra={"job_id": job.id, "nick": job.nick, "key": job.key_name, "event": "completed"},
+            extra=job.log_fields("completed"),
         )
 
     async def _fetch_in_time(self, job: Job, refs: Sequence[ImageRef]) -> list[bytes]:

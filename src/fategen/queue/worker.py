@@ -121,12 +121,7 @@ class ComfyWorker:
                 "job %s cancelled by %s",
                 job.id,
                 by,
-                extra={
-                    "job_id": job.id,
-                    "nick": job.nick,
-                    "key": job.key_name,
-                    "event": "cancelled",
-                },
+                extra=job.log_fields("cancelled"),
             )
 
     def _release(self, job: Job) -> None:
@@ -142,7 +137,7 @@ class ComfyWorker:
                 "job %s failed: %s",
                 job.id,
                 error,
-                extra={"job_id": job.id, "nick": job.nick, "key": job.key_name, "event": "failed"},
+                extra=job.log_fields("failed"),
             )
 
     async def withdraw_submitted(self) -> None:
@@ -267,13 +262,7 @@ class ComfyWorker:
             job.model,
             job.request.count,
             attempts,
-            extra={
-                "job_id": job.id,
-                "nick": job.nick,
-                "key": job.key_name,
-                "model": job.model,
-                "event": "started",
-            },
+            extra=job.log_fields("started"),
         )
 
         def progress(value: int, maximum: int) -> None:

@@ -77,6 +77,16 @@ class Job:
         cancel rights and Idempotency-Keys)."""
         return user_of(self.key_name, self.nick)
 
+    def log_fields(self, event: str) -> dict[str, object]:
+        """``extra=`` for a log line about the job: with LOG_FORMAT=json, its fields."""
+        return {
+            "job_id": self.id,
+            "nick": self.nick,
+            "key": self.key_name,
+            "model": self.model,
+            "event": event,
+        }
+
     def ended(self) -> bool:
         """Whether the job has finished. A method, not a property, so that a type checker
         does not carry an earlier answer across the ``await`` that may have changed it."""
