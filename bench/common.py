@@ -3,10 +3,11 @@
 Each process under test is its own OS process, so its RSS and CPU time are its own:
 
     bench (this process: scenario driver) --HTTP--> fategen serve --REST/WS--> simproc.py
-                                  \\--loadgen.py processes--/
+                  \\--rawload.py processes--/          (or bare.py: the baselines)
 
-`simulator()` and `service()` are async context managers that start the process, wait until
-it is ready, and stop it (SIGTERM, then SIGKILL) on the way out.
+`simulator()`, `service()`, `bare()` and `rawload()` are async context managers that start the
+process, wait until it is ready, and stop it (SIGTERM, then SIGKILL) on the way out. `figure`
+makes one row of the table: the values of the repeats and the target their median must meet.
 """
 
 from __future__ import annotations
@@ -67,6 +68,54 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    """``a / b``, NaN when ``b`` is 0 (a figure with no data, not a crash)."""
+    return a / b if b else float("nan")
+
+
+def figure(
+    key: str,
+    label: str,
+    values: Sequence[float],
+    *,
+    target: tuple[str, float] | None = None,
+    digits: int = 2,
+    noisy: bool = False,
+    note: str = "",
+) -> dict[str, Any]:
+    """One row of the table: the values of the repeats, and the target their median must meet.
+
+    ``target`` is ``("<=", 1.25)``, ``(">=", 0.5)`` or ``("<", 2.0)``; None for a figure shown
+    for context. ``noisy``: it moves by more than its margin between runs on a shared 2-core
+    machine (say so next to it, rather than tune it).
+    """
+    clean = [float(v) for v in values if v == v]  # NaN (no data) left out
+    mid = median(clean)
+    passed = None
+    if target is not None:
+        op, limit = target
+        passed = bool(clean) and {"<=": mid <= limit, "<": mid < limit, ">=": mid >= limit}[op]
+    return {
+        "key": key,
+        "label": label,
+        "values": [float(v) for v in values],
+        "min": min(clean) if clean else float("nan"),
+        "median": mid,
+        "max": max(clean) if clean else float("nan"),
+        "target": None if target is None else {"op": target[0], "value": target[1]},
+        "pass": passed,
+        "digits": digits,
+        "noisy": noisy,
+        "note": note,
+    }
+
+
+def http_client(url: str, **kwargs: Any) -> httpx.AsyncClient:
+    """An httpx client that opens a failed connection again (three times) before giving up."""
+    kwargs.setdefault("timeout", 60)
+    return httpx.AsyncClient(base_url=url, transport=httpx.AsyncHTTPTransport(retries=3), **kwargs)
 
 
 # -- /proc ---------------------------------------------------------------------------------
@@ -179,6 +228,10 @@ class SimProcess:
         """Start executing prompts (the simulator starts held with ``held=True``)."""
         await self._command("go")
 
+    async def hold(self) -> None:
+        """Stop taking prompts (the one running finishes); `go` starts again."""
+        await self._command("hold")
+
     async def reset(self) -> None:
         """Forget executions, swaps and the loaded checkpoint (between two runs)."""
         await self._command("reset")
@@ -240,6 +293,13 @@ class ServiceProcess:
             return {job_id: float(finished) for job_id, finished in rows}
 
 
+def known_settings() -> set[str]:
+    """The environment variables this fategen reads (a name it does not know is refused)."""
+    from fategen.settings import KNOWN_VARIABLES
+
+    return set(KNOWN_VARIABLES)
+
+
 @contextlib.asynccontextmanager
 async def service(
     workdir: Path,
@@ -247,14 +307,17 @@ async def service(
     *,
     max_passes: int | None = None,
     profile: Path | None = None,
+    database: Path | None = None,
+    ready_timeout: float = 30,
     **env: str,
 ) -> AsyncIterator[ServiceProcess]:
     """``python -m fategen serve`` against ``sim``, in a fresh data and output folder.
 
     ``max_passes`` (e.g. 0: fair order, no model affinity) runs the same CLI through
-    ``serve_policy.py``, which only changes the policy's ``max_passes``. With ``profile``,
-    py-spy samples the service while it runs and writes collapsed stacks there (and
-    ``profile.with_suffix(".top.txt")``: the functions with the most samples).
+    ``serve_policy.py``, which only changes the policy's ``max_passes``. ``database``: a job
+    database (`prefill.template`) copied in before the start, which the service loads. With
+    ``profile``, py-spy samples the service while it runs and writes collapsed stacks there
+    (and ``profile.with_suffix(".top.txt")``: the functions with the most samples).
     """
     run_dir = Path(tempfile.mkdtemp(prefix="service-", dir=workdir))
     settings = {
@@ -272,8 +335,14 @@ async def service(
         "FATEGEN_MAX_QUEUE": "1000000",
         "FATEGEN_MAX_QUEUE_PER_USER": "1000000",
         "LOG_LEVEL": "INFO",
-        **env,
     }
+    if "FATEGEN_LISTEN_BACKLOG" in known_settings():
+        settings["FATEGEN_LISTEN_BACKLOG"] = "4096"
+    settings.update(env)
+    if database is not None:
+        from prefill import copy_into
+
+        await trio.to_thread.run_sync(copy_into, database, run_dir / "data")
     if max_passes is None:
         command = [PYTHON, "-m", "fategen", "serve"]
     else:
@@ -282,11 +351,11 @@ async def service(
         process,
         lines,
     ):
-        with trio.fail_after(30):
+        with trio.fail_after(ready_timeout):
             while not (match := _READY.search(await lines.readline())):
                 pass
         url = match.group(1)
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with http_client(url) as client:
             with trio.fail_after(30):
                 while True:  # polling another process: no event to wait on
                     if (await client.get("/health")).json()["comfyui"]["reachable"]:
@@ -297,6 +366,18 @@ async def service(
         else:
             async with py_spy(process.pid, profile, workdir):
                 yield ServiceProcess(process, url, run_dir / "data")
+
+
+@contextlib.asynccontextmanager
+async def bare(workdir: Path, kind: str) -> AsyncIterator[ServiceProcess]:
+    """A baseline endpoint (``bare.py quart`` or ``asgi``) in its own process."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"bare-{kind}-", dir=workdir))
+    command = [PYTHON, str(BENCH / "bare.py"), kind]
+    async with child(command, log=run_dir / "bare.log", cwd=run_dir) as (process, lines):
+        with trio.fail_after(30):
+            while not (match := _READY.search(await lines.readline())):
+                pass
+        yield ServiceProcess(process, match.group(1), run_dir)
 
 
 @contextlib.asynccontextmanager
@@ -372,3 +453,44 @@ def machine_facts() -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
     }
+
+
+# -- the lean load generator (rawload.py) ----------------------------------------------------
+
+
+class LoadGen:
+    """A running ``rawload.py`` process: connected and ready, waiting for `go`."""
+
+    def __init__(self, process: trio.Process, out: Path, mode: str) -> None:
+        self.process = process
+        self._out = out
+        self._mode = mode
+
+    async def go(self) -> None:
+        """Start the clock (modes ``closed`` and ``pairs`` wait for this)."""
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(b"go\n")
+
+    async def result(self) -> dict[str, Any]:
+        """Wait for the process to end; its report."""
+        await self.process.wait()
+        if self.process.returncode != 0:
+            raise RuntimeError(
+                f"the {self._mode} load generator exited with status "
+                f"{self.process.returncode} (its log: rawload.log in the work folder)"
+            )
+        report: dict[str, Any] = json.loads(await trio.Path(self._out).read_text())
+        return report
+
+
+@contextlib.asynccontextmanager
+async def rawload(
+    workdir: Path, mode: str, url: str, *options: str, name: str, ready_timeout: float = 120
+) -> AsyncIterator[LoadGen]:
+    """Start ``rawload.py MODE URL OPTIONS`` and return once it has printed ``ready``."""
+    out = workdir / f"{name}.json"
+    command = [PYTHON, str(BENCH / "rawload.py"), mode, url, f"--out={out}", *options]
+    async with child(command, log=workdir / "rawload.log", cwd=workdir) as (process, lines):
+        with trio.fail_after(ready_timeout):
+            await lines.readline()
+        yield LoadGen(process, out, mode)

@@ -1,231 +1,238 @@
 """``python bench/run.py``: fategen's benchmark suite against the ComfyUI simulator.
 
-Runs each scenario (bench/scenarios/), prints a table and writes ``bench/results.json``
-(figures plus machine facts). Every headline figure is a ratio or a comparison measured in the
-same run. Options: ``--only NAME`` (repeatable: throughput, swaps, frontend, longpoll,
-postprocess, growth), ``--profile DIR`` (py-spy samples the service in the front-end and
-long-poll scenarios; needs py-spy), ``--out FILE``.
+Runs each scenario (bench/scenarios/) on its own: a scenario's figures are merged into the
+results file as soon as it ends, a scenario that fails is reported (in the table and the file,
+with its error) and the others still run; one that fails on a lost connection is run once more.
+Every headline figure is measured several times in the run (min / median / max shown) and its
+median is checked against a target: the table says PASS or FAIL.
+
+Options:
+  --only NAME     one scenario (repeatable): throughput, swaps, frontend, longpoll, postprocess
+  --quick         a smoke run (fewer jobs, sizes and repeats; about two minutes), written to
+                  bench/results-quick.json unless --out says otherwise
+  --strict        exit with status 1 when a target is missed (without it, only a scenario that
+                  failed to run gives status 1: figures on a shared machine are noisy)
+  --table         print the table of the results file, run nothing
+  --profile DIR   py-spy samples the service in the front-end and long-poll scenarios
+  --out FILE      the results file (default bench/results.json)
+  --keep          keep the work folder (service and simulator logs)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH, machine_facts, own_cpu_seconds, raise_fd_limit
+from common import BENCH, machine_facts, raise_fd_limit
 from scenarios import frontend, longpoll, postprocess, swaps, throughput
 
-SCENARIOS = ("throughput", "swaps", "frontend", "longpoll", "postprocess", "growth")
+SCENARIOS = ("throughput", "swaps", "frontend", "longpoll", "postprocess")
+#: A scenario that fails with one of these (a connection reset, a process gone) runs again once.
+RETRYABLE = (OSError, EOFError, httpx.TransportError, trio.BrokenResourceError)
+#: Seconds one attempt at a scenario may take before it is stopped and reported failed.
+SCENARIO_LIMIT = {"quick": 300.0, "full": 900.0}
 
 
-async def run_all(names: list[str], workdir: Path, profile: Path | None) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+async def run_one(name: str, workdir: Path, *, quick: bool, profile: Path | None) -> Any:
+    if name == "throughput":
+        return await throughput.run(workdir, quick=quick)
+    if name == "swaps":
+        return await swaps.run(workdir, quick=quick)
+    if name == "frontend":
+        prof = None if profile is None else profile / "frontend.txt"
+        return await frontend.run(workdir, quick=quick, profile=prof)
+    if name == "longpoll":
+        prof = None if profile is None else profile / "longpoll.txt"
+        return await longpoll.run(workdir, quick=quick, profile=prof)
+    if name == "postprocess":
+        return await postprocess.run(workdir, quick=quick)
+    raise ValueError(name)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (what actually went wrong)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def run_scenario(
+    name: str, workdir: Path, *, quick: bool, profile: Path | None
+) -> dict[str, Any]:
+    """One scenario's entry for the results file: ``status`` ok or failed, never raises."""
+    started = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        scenario_dir = workdir / f"{name}-{attempts}"
+        scenario_dir.mkdir()
+        try:
+            with trio.fail_after(SCENARIO_LIMIT["quick" if quick else "full"]):
+                result = await run_one(name, scenario_dir, quick=quick, profile=profile)
+        except Exception as exc:
+            cause = _cause(exc)
+            print(f"   {name} failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+            if isinstance(cause, RETRYABLE) and attempts == 1:
+                print(f"   {name}: once more", file=sys.stderr)
+                continue
+            return {
+                "status": "failed",
+                "error": f"{type(cause).__name__}: {cause}",
+                "traceback": traceback.format_exception(exc),
+                "attempts": attempts,
+                "seconds": time.monotonic() - started,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "quick": quick,
+            }
+        return {
+            "status": "ok",
+            "attempts": attempts,
+            "seconds": time.monotonic() - started,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "quick": quick,
+            **result,
+        }
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """The results file, or an empty one (also when it is from the old suite's format)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"scenarios": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("scenarios"), dict):
+        return {"scenarios": {}}
+    return data
+
+
+def save_results(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a run stopped halfway leaves the previous file whole."""
+    text = json.dumps(data, indent=1, allow_nan=True) + "\n"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+async def run_all(
+    names: list[str], workdir: Path, out: Path, *, quick: bool, profile: Path | None
+) -> dict[str, Any]:
+    data = load_results(out)
+    data["machine"] = machine_facts()
     for name in names:
         t0 = time.monotonic()
         print(f"-- {name} ...", file=sys.stderr, flush=True)
-        if name == "throughput":
-            results[name] = await throughput.run(workdir, jobs=40, repeats=3)
-        elif name == "swaps":
-            results[name] = await swaps.run(workdir)
-        elif name == "frontend":
-            prof = None if profile is None else profile / "frontend.txt"
-            results[name] = await frontend.run(workdir, profile=prof)
-        elif name == "longpoll":
-            prof = None if profile is None else profile / "longpoll.txt"
-            results[name] = await longpoll.run(workdir, waiters=5000, profile=prof)
-        elif name == "postprocess":
-            results[name] = await postprocess.run(workdir)
-        elif name == "growth":
-            results[name] = {
-                "throughput_40": results.get("throughput")
-                or await throughput.run(workdir, jobs=40, repeats=1, step_seconds=0.004),
-                "throughput_400": await throughput.run(
-                    workdir, jobs=400, repeats=1, step_seconds=0.004, nicks=40
-                ),
-                "longpoll_1000": await longpoll.run(workdir, waiters=1000),
-                "longpoll_5000": results.get("longpoll")
-                or await longpoll.run(workdir, waiters=5000),
-            }
-        print(f"   {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
-    return results
+        entry = await run_scenario(name, workdir, quick=quick, profile=profile)
+        data["scenarios"][name] = entry
+        data["machine"] = machine_facts()
+        save_results(out, data)  # each scenario's result is kept as soon as it ends
+        print(f"   {name}: {entry['status']}, {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return data
 
 
-def _f(value: float, unit: str = "", digits: int = 1) -> str:
-    return f"{value:,.{digits}f}{unit}"
+# -- the table -------------------------------------------------------------------------------
 
 
-def table(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(figure, value, target or note) rows."""
-    rows: list[tuple[str, str, str]] = []
-    if "throughput" in results:
-        t = results["throughput"]
-        rows += [
-            (
-                f"1. makespan fategen / direct ({t['jobs']} jobs, median of {t['repeats']})",
-                _f(t["makespan_ratio"], digits=3),
-                "target <= 1.02; runs: " + ", ".join(_f(r, digits=3) for r in t["makespan_ratios"]),
-            ),
-            (
-                "1. makespan direct / fategen (s)",
-                f"{_f(t['direct_makespan'], digits=2)} / {_f(t['fategen_makespan'], digits=2)}",
-                "first submit to last result ready",
-            ),
-            (
-                "1. simulator span direct / fategen (s)",
-                f"{_f(t['direct_sim_span'], digits=2)} / {_f(t['fategen_sim_span'], digits=2)}",
-                f"ratio {_f(t['sim_span_ratio'], digits=3)}: first execution start to last end",
-            ),
-            (
-                "1. gap between prompts, median / max (ms)",
-                f"{_f(t['gap_ms_median'], digits=2)} / {_f(t['gap_ms_max'], digits=2)}",
-                f"target median < 5; direct: {_f(t['direct_gap_ms_median'], digits=2)} / "
-                f"{_f(t['direct_gap_ms_max'], digits=2)}",
-            ),
-            (
-                "1. before first / after last execution (ms)",
-                f"{_f(t['lead_ms']['fategen'])} / {_f(t['tail_ms']['fategen'])}",
-                f"direct: {_f(t['lead_ms']['direct'])} / {_f(t['tail_ms']['direct'])}",
-            ),
-            (
-                "1. service CPU per job (ms)",
-                _f(t["service_cpu_per_job_ms"]),
-                f"peak RSS {_f(t['service_rss_peak_mib'])} MiB",
-            ),
-        ]
-    if "swaps" in results:
-        s = results["swaps"]
-        note = f"{s['jobs']} jobs, {s['users']} users, 3 models, {s['model_load_seconds']} s/swap"
-        rows.append(
-            (
-                "2. FIFO: swaps, makespan",
-                f"{s['fifo']['swaps']}, {_f(s['fifo']['makespan'])} s",
-                note,
-            )
-        )
-        for name, label in (("fair", "fair turns only"), ("fair_affinity", "fair + affinity")):
-            v = s[name]
-            rows.append(
-                (
-                    f"2. {label}: swaps, makespan",
-                    f"{v['swaps']}, {_f(v['makespan'])} s",
-                    f"worst extra wait vs FIFO: job {_f(v['worst_job_extra_s'], digits=2)} s, "
-                    f"user's last job {_f(v['worst_user_extra_s'], digits=2)} s",
-                )
-            )
-    if "frontend" in results:
-        f = results["frontend"]
-        rows += [
-            (
-                f"3. front end, {f['clients']} clients: requests/s",
-                _f(f["requests_per_second"], digits=0),
-                f"POST+GET pairs; queue grew to {f['queued_at_end']}",
-            ),
-            (
-                "3. POST /request p50 / p99 (ms)",
-                f"{_f(f['post_p50_ms'])} / {_f(f['post_p99_ms'])}",
-                "",
-            ),
-            (
-                "3. GET /job p50 / p99 (ms)",
-                f"{_f(f['get_p50_ms'])} / {_f(f['get_p99_ms'])}",
-                "",
-            ),
-            (
-                "3. CPU share: service / load generator",
-                f"{_f(100 * f['service_cpu_share'], '%', 0)} / "
-                f"{_f(100 * f['loadgen_cpu_share'], '%', 0)}",
-                "of one core, over the run",
-            ),
-        ]
-    if "longpoll" in results:
-        lp = results["longpoll"]
-        rows += [
-            (
-                f"4. {lp['waiters']:,} /wait held: service RSS before / holding (MiB)",
-                f"{_f(lp['rss_before_mib'])} / {_f(lp['rss_holding_mib'])}",
-                f"{_f(lp['kib_per_waiter'])} KiB per waiter; all connected in "
-                f"{_f(lp['connect_seconds'])} s",
-            ),
-            (
-                "4. job finished -> waiter answered p50 / p99 (ms)",
-                f"{_f(lp['answer_p50_ms'])} / {_f(lp['answer_p99_ms'])}",
-                f"{lp['jobs']} jobs; load generators' CPU {_f(lp['loadgen_cpu_s'])} s",
-            ),
-        ]
-    if "postprocess" in results:
-        p = results["postprocess"]
-        rows += [
-            ("5. 2x2 grid of 1024x1024 -> WebP (ms)", _f(p["grid_2x2_1024_ms"]), "in process"),
-            (
-                "5. service overhead per job, median / max (ms)",
-                f"{_f(p['overhead_median_ms'])} / {_f(p['overhead_max_ms'])}",
-                "simulator execution end -> job completed",
-            ),
-        ]
-    if "growth" in results:
-        g = results["growth"]
-        small, big = g["throughput_40"], g["throughput_400"]
-        rows += [
-            (
-                "6. makespan ratio, 40 -> 400 jobs",
-                f"{_f(small['makespan_ratio'], digits=3)} -> {_f(big['makespan_ratio'], digits=3)}",
-                f"steps {big['step_seconds']} s at 400",
-            ),
-            (
-                "6. service CPU per job (ms), 40 -> 400 jobs",
-                f"{_f(small['service_cpu_per_job_ms'])} -> {_f(big['service_cpu_per_job_ms'])}",
-                f"peak RSS {_f(small['service_rss_peak_mib'])} -> "
-                f"{_f(big['service_rss_peak_mib'])} MiB",
-            ),
-            (
-                "6. gap median / max (ms), 400 jobs",
-                f"{_f(big['gap_ms_median'], digits=2)} / {_f(big['gap_ms_max'], digits=2)}",
-                "",
-            ),
-        ]
-        a, b = g["longpoll_1000"], g["longpoll_5000"]
-        rows += [
-            (
-                "6. waiters 1,000 -> 5,000: KiB per waiter",
-                f"{_f(a['kib_per_waiter'])} -> {_f(b['kib_per_waiter'])}",
-                f"RSS holding {_f(a['rss_holding_mib'])} -> {_f(b['rss_holding_mib'])} MiB",
-            ),
-            (
-                "6. waiters 1,000 -> 5,000: answer p50 / p99 (ms)",
-                f"{_f(a['answer_p50_ms'])}/{_f(a['answer_p99_ms'])} -> "
-                f"{_f(b['answer_p50_ms'])}/{_f(b['answer_p99_ms'])}",
-                f"connect {_f(a['connect_seconds'])} -> {_f(b['connect_seconds'])} s",
-            ),
-        ]
-    return rows
+def _number(value: float, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
 
 
-def markdown(rows: list[tuple[str, str, str]]) -> str:
-    lines = ["| figure | value | target / note |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
+def _target(target: dict[str, Any] | None) -> str:
+    if target is None:
+        return ""
+    value = target["value"]
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{target['op']} {text}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def rows(data: dict[str, Any], names: list[str] | None = None) -> list[list[str]]:
+    """Table rows: scenario, figure, median, min / max, target, PASS / FAIL, note."""
+    table: list[list[str]] = []
+    for name in names or list(data.get("scenarios", {})):
+        entry = data.get("scenarios", {}).get(name)
+        if entry is None:
+            continue
+        if entry["status"] != "ok":
+            table.append([name, "scenario failed", "", "", "", "FAILED", entry["error"]])
+            continue
+        for f in entry.get("figures", []):
+            d = f["digits"]
+            verdict = "" if f["target"] is None else "PASS" if f["pass"] else "FAIL"
+            spread = f"{_number(f['min'], d)} / {_number(f['max'], d)}"
+            if len(f["values"]) == 1:
+                spread = "(one run)"
+            note = f["note"]
+            if f["noisy"]:
+                note = ("noisy on 2 shared cores; " + note).rstrip("; ")
+            median = _number(f["median"], d)
+            table.append([name, f["label"], median, spread, _target(f["target"]), verdict, note])
+    return table
+
+
+def markdown(data: dict[str, Any], names: list[str] | None = None) -> str:
+    """The benchmark table in Markdown (for the README), with the machine and the date."""
+    m = data.get("machine", {})
+    header = [
+        f"fategen bench, {m.get('date', '?')}: {m.get('cpu_count', '?')} CPUs, Python "
+        f"{m.get('python', '?')}, {m.get('platform', '?')}.",
+        "",
+        "| scenario | figure | median | min / max | target | result | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    body = [
+        "| " + " | ".join(cell.replace("|", "/") for cell in row) + " |"
+        for row in rows(data, names)
+    ]
+    return "\n".join(header + body)
+
+
+def misses(data: dict[str, Any], names: list[str]) -> tuple[int, int]:
+    """(targets missed, scenarios failed) among ``names``."""
+    missed = failed = 0
+    for name in names:
+        entry = data["scenarios"].get(name)
+        if entry is None:
+            continue
+        if entry["status"] != "ok":
+            failed += 1
+            continue
+        missed += sum(1 for f in entry.get("figures", []) if f["pass"] is False)
+    return missed, failed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", action="append", choices=SCENARIOS)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--table", action="store_true")
     parser.add_argument("--profile", type=Path)
-    parser.add_argument("--out", type=Path, default=BENCH / "results.json")
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args()
-    raise_fd_limit()
+    out = args.out or BENCH / ("results-quick.json" if args.quick else "results.json")
     names = [n for n in SCENARIOS if args.only is None or n in args.only]
+    if args.table:
+        print(markdown(load_results(out), names if args.only else None))
+        return 0
+    raise_fd_limit()
     if args.profile is not None:
         if not shutil.which(os.environ.get("PY_SPY", "py-spy")):
             parser.error("--profile needs py-spy (pip install py-spy, or set PY_SPY)")
@@ -233,29 +240,22 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fategen-bench-"))
     started = time.monotonic()
     try:
-        results = trio.run(run_all, names, workdir, args.profile)
+        data = trio.run(
+            lambda: run_all(names, workdir, out, quick=args.quick, profile=args.profile)
+        )
     finally:
         if args.keep:
             print(f"work folder: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    rows = table(results)
-    report = {
-        "machine": machine_facts(),
-        "suite_seconds": time.monotonic() - started,
-        "driver_cpu_seconds": own_cpu_seconds(),
-        "table": [{"figure": a, "value": b, "note": c} for a, b, c in rows],
-        "results": results,
-    }
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    m = report["machine"]
-    print(
-        f"\nfategen bench, {m['date']}: {m['cpu_count']} CPUs, Python {m['python']}, "
-        f"{m['platform']}; suite {report['suite_seconds']:.0f} s\n"
-    )
-    print(markdown(rows))
-    print(f"\nwritten: {args.out}")
+    print(f"\nsuite: {time.monotonic() - started:.0f} s{' (quick)' if args.quick else ''}\n")
+    print(markdown(data, names))
+    missed, failed = misses(data, names)
+    print(f"\n{missed} target(s) missed, {failed} scenario(s) failed; written: {out}")
+    if failed or (args.strict and missed):
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

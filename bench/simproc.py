@@ -5,7 +5,8 @@ Prints ``PORT <n>`` once it serves, then answers one line ``ok`` per command rea
 - ``dump PATH``: write the execution log and the swap counts to PATH as JSON;
 - ``reset``: forget executions, history, swaps and the loaded checkpoint;
 - ``go``: start executing prompts (with ``--held`` the simulator takes prompts but runs none
-  until then).
+  until then);
+- ``hold``: take prompts but start none (the running one finishes) until the next ``go``.
 
 It stops when stdin closes or on SIGTERM.
 """
@@ -59,25 +60,37 @@ async def _lines(stream: trio.lowlevel.FdStream) -> Any:
 
 
 class _GatedQueue:
-    """The simulator's prompt queue, as the executor sees it: nothing runs before ``gate``."""
+    """The simulator's prompt queue, as the executor sees it: nothing starts while held."""
 
-    def __init__(self, queue: Any, gate: trio.Event) -> None:
+    def __init__(self, queue: Any, held: bool) -> None:
         self._queue = queue
-        self._gate = gate
+        self.gate = trio.Event()
+        if not held:
+            self.gate.set()
+
+    def go(self) -> None:
+        self.gate.set()
+
+    def hold(self) -> None:
+        if self.gate.is_set():
+            self.gate = trio.Event()
 
     async def get(self) -> Any:
-        await self._gate.wait()
-        return await self._queue.get()
+        while not self.gate.is_set():
+            await self.gate.wait()
+        item = await self._queue.get()
+        # Held while waiting for a prompt: it stays "running" but starts only on ``go``.
+        while not self.gate.is_set():
+            await self.gate.wait()
+        return item
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._queue, name)
 
 
 async def serve(sim: Simulator, held: bool) -> None:
-    gate = trio.Event()
-    if not held:
-        gate.set()
-    sim.engine.queue = _GatedQueue(sim.queue, gate)  # type: ignore[assignment]
+    gated = _GatedQueue(sim.queue, held)
+    sim.engine.queue = gated  # type: ignore[assignment]
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(sim.serve, host="127.0.0.1", port=0))
         print(f"PORT {port}", flush=True)
@@ -92,7 +105,9 @@ async def serve(sim: Simulator, held: bool) -> None:
                 elif command == "reset":
                     _reset(sim)
                 elif command == "go":
-                    gate.set()
+                    gated.go()
+                elif command == "hold":
+                    gated.hold()
                 print("ok", flush=True)
         nursery.cancel_scope.cancel()
 

@@ -38,14 +38,20 @@ class Line:
 
 
 def mixed_lines(
-    n: int, *, nicks: int, models: Sequence[str] = ("tiny",), seed: int = 6
+    n: int,
+    *,
+    nicks: int,
+    models: Sequence[str] = ("tiny",),
+    seed: int = 6,
+    counts: tuple[int, int] = (1, 4),
 ) -> list[Line]:
-    """``n`` lines, counts 1-4, 256x256, fixed seeds, nicks and models drawn at random."""
+    """``n`` lines, 256x256, ``counts`` images (from, to), fixed seeds, nicks and models drawn
+    at random."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
         model = rng.choice(models)
-        count = rng.randint(1, 4)
+        count = rng.randint(*counts)
         message = f"bench job {i} -m {model} -w 256 -h 256 -c {count} -s {rng.randrange(2**32)}"
         lines.append(Line(f"user{rng.randrange(nicks)}", message, model))
     return lines
@@ -76,7 +82,8 @@ async def run_direct(sim_url: str, graphs: Sequence[dict[str, Any]]) -> dict[str
     done: dict[str, float] = {}
     ws_url = sim_url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-    async with httpx.AsyncClient(base_url=sim_url, limits=limits, timeout=60) as http:
+    transport = httpx.AsyncHTTPTransport(retries=3, limits=limits)
+    async with httpx.AsyncClient(base_url=sim_url, transport=transport, timeout=60) as http:
 
         async def fetch(prompt_id: str) -> None:
             entry = (await http.get(f"/history/{prompt_id}")).json()[prompt_id]
@@ -113,6 +120,24 @@ async def run_direct(sim_url: str, graphs: Sequence[dict[str, Any]]) -> dict[str
     return {"start": start, "done": done, "ids": ids}
 
 
+async def post_once(
+    client: httpx.AsyncClient, body: dict[str, Any], *, key: str, attempts: int = 4
+) -> httpx.Response:
+    """``POST /request`` with an Idempotency-Key, sent again if the connection fails (the key
+    makes a second send return the first job); asserts a 200."""
+    for attempt in range(attempts):
+        try:
+            response = await client.post("/request", json=body, headers={"Idempotency-Key": key})
+        except httpx.TransportError:
+            if attempt == attempts - 1:
+                raise
+            await trio.sleep(0.1)
+            continue
+        assert response.status_code == 200, response.text
+        return response
+    raise AssertionError("unreachable")
+
+
 async def run_fategen(url: str, lines: Sequence[Line], *, clients: int = 4) -> dict[str, Any]:
     """Post every line to ``/request`` in a tight loop and long-poll each job.
 
@@ -122,12 +147,26 @@ async def run_fategen(url: str, lines: Sequence[Line], *, clients: int = 4) -> d
     answered: dict[str, float] = {}
     ids: list[str] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    pool = [httpx.AsyncClient(base_url=url, limits=limits, timeout=600) for _ in range(clients)]
+    pool = [
+        httpx.AsyncClient(
+            base_url=url,
+            transport=httpx.AsyncHTTPTransport(retries=3, limits=limits),
+            timeout=600,
+        )
+        for _ in range(clients)
+    ]
     try:
 
         async def wait(client: httpx.AsyncClient, job_id: str) -> None:
+            failures = 0
             while True:
-                response = await client.get(f"/wait/{job_id}", params={"timeout": 300})
+                try:
+                    response = await client.get(f"/wait/{job_id}", params={"timeout": 300})
+                except httpx.TransportError:
+                    failures += 1  # a connection reset: ask again
+                    if failures > 3:
+                        raise
+                    continue
                 if response.status_code == 200:
                     assert response.json()["status"] == "completed", response.text
                     answered[job_id] = time.time()
@@ -135,12 +174,14 @@ async def run_fategen(url: str, lines: Sequence[Line], *, clients: int = 4) -> d
 
         async with trio.open_nursery() as nursery:
             start = time.time()
+            run_key = uuid.uuid4().hex[:12]
             for index, line in enumerate(lines):
                 client = pool[index % clients]
-                response = await client.post(
-                    "/request", json={"message": line.message, "nick": line.nick}
+                response = await post_once(
+                    client,
+                    {"message": line.message, "nick": line.nick},
+                    key=f"{run_key}-{index}",
                 )
-                assert response.status_code == 200, response.text
                 job_id = response.json()["job_id"]
                 ids.append(job_id)
                 nursery.start_soon(wait, client, job_id)

@@ -1,13 +1,19 @@
 """Open websockets and what is sent to them.
 
 ComfyUI addresses a message to one ``sid`` (the socket's ``clientId``) or, with no sid, to every
-socket. Each socket has a bounded outbox; a socket whose outbox is full is closed (code 1011)
-rather than slowing the executor down.
+socket. Like ComfyUI, the executor never waits for a socket and no message is dropped: ComfyUI's
+``PromptServer.send_sync`` puts every message on an unbounded ``asyncio.Queue`` and one
+``publish_loop`` awaits ``ws.send_json`` for each, so a client that reads slowly (or a deep
+queue of fast prompts) makes messages wait in memory, never closes its socket. Here each socket
+has its own outbox (`Outbox`), drained by its handler; a slow socket does not hold the others
+back (in ComfyUI it would delay them too). The one bound: an outbox past `OUTBOX_MAX_BYTES`
+(where ComfyUI would keep growing until it runs out of memory) closes its socket with 1011.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +21,8 @@ from typing import Any
 import attrs
 import trio
 
-OUTBOX_SIZE = 1024
+OUTBOX_MAX_BYTES = 256 * 2**20
+"""Bytes one socket's outbox may hold before the socket is closed: far above any deep queue."""
 
 
 @attrs.frozen
@@ -28,23 +35,76 @@ class Close:
 Outgoing = str | bytes | Close
 
 
+def _size(message: Outgoing) -> int:
+    return 0 if isinstance(message, Close) else len(message)
+
+
+@attrs.define(eq=False)
+class Outbox:
+    """One socket's messages not sent yet, in order; as many as ``max_bytes`` allows.
+
+    ``async for message in outbox`` takes them one at a time, waiting while it is empty.
+    """
+
+    max_bytes: int = OUTBOX_MAX_BYTES
+    _messages: deque[Outgoing] = attrs.Factory(deque)
+    _bytes: int = 0
+    _arrived: trio.Event = attrs.Factory(trio.Event)
+    _closed: bool = False
+
+    def put(self, message: Outgoing) -> bool:
+        """Queue ``message``; False (and nothing queued) if it would pass ``max_bytes``.
+
+        A closed outbox takes nothing and answers True: its socket is going away.
+        """
+        if self._closed:
+            return True
+        size = _size(message)
+        if self._bytes + size > self.max_bytes:
+            return False
+        self._messages.append(message)
+        self._bytes += size
+        self._arrived.set()
+        return True
+
+    def close(self) -> None:
+        """Take no more messages; drop the ones not sent."""
+        self._closed = True
+        self._messages.clear()
+        self._bytes = 0
+        self._arrived.set()
+
+    def statistics(self) -> tuple[int, int]:
+        """(messages, bytes) waiting."""
+        return len(self._messages), self._bytes
+
+    def __aiter__(self) -> Outbox:
+        return self
+
+    async def __anext__(self) -> Outgoing:
+        while not self._messages:
+            if self._closed:
+                raise StopAsyncIteration
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        message = self._messages.popleft()
+        self._bytes -= _size(message)
+        return message
+
+
 @attrs.define(eq=False)
 class Connection:
     """One open websocket as the hub sees it."""
 
     sid: str
-    outbox: trio.MemorySendChannel[Outgoing]
+    outbox: Outbox
     supports_preview_metadata: bool = False
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
     def push(self, message: Outgoing) -> None:
-        """Queue a message; close the socket if its outbox is full."""
-        try:
-            self.outbox.send_nowait(message)
-        except trio.WouldBlock:
+        """Queue a message; close the socket if its outbox is over `OUTBOX_MAX_BYTES`."""
+        if not self.outbox.put(message):
             self.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 def text_message(event: str, data: dict[str, Any]) -> str:
@@ -56,19 +116,20 @@ def text_message(event: str, data: dict[str, Any]) -> str:
 class Hub:
     """The registry of open websockets."""
 
+    outbox_max_bytes: int = OUTBOX_MAX_BYTES
     _connections: list[Connection] = attrs.Factory(list)
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     @contextmanager
-    def connect(self, sid: str) -> Iterator[tuple[Connection, trio.MemoryReceiveChannel[Outgoing]]]:
+    def connect(self, sid: str) -> Iterator[tuple[Connection, Outbox]]:
         """Register a socket for as long as the ``with`` block lasts."""
-        send, receive = trio.open_memory_channel[Outgoing](OUTBOX_SIZE)
-        connection = Connection(sid, send)
+        outbox = Outbox(self.outbox_max_bytes)
+        connection = Connection(sid, outbox)
         self._connections.append(connection)
         try:
-            with send, receive:
-                yield connection, receive
+            yield connection, outbox
         finally:
+            outbox.close()
             self._connections.remove(connection)
             self._changed.set()
             self._changed = trio.Event()
