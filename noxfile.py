@@ -41,7 +41,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(default=False)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on src/."""
-    session.install("-e", ".[test]", "mypy>=1.10")
+    session.install("-e", ".[test]", "mypy>=1.10", "sortedcontainers-stubs>=2.4")
     session.run("mypy", "src", *session.posargs)
 
 

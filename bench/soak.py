@@ -141,7 +141,7 @@ async def run_soak(seconds: float, clients: int = 20, *, seed: int | None = None
                         status = body.get("status")
                         if status not in FINAL or final is None or final[0] != status:
                             lost.append(job_id)
-                stuck = [j.id for j in running.store.all_jobs() if not j.status.finished]
+                stuck = [j.id for j in running.store.active_jobs()]
                 rss_end = rss_kib()
                 shutdown.set()
             outer.cancel_scope.cancel()

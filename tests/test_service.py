@@ -212,7 +212,7 @@ async def test_cancel_queued_and_running(tmp_path: Path) -> None:
             assert r.json()["cancelled_by"] == "judy"
             # Wait until the first runs, then cancel it.
             store = stack.running.store
-            job = store.get(first["job_id"])
+            job = await store.get(first["job_id"])
             assert job is not None
             while job.progress_value < 1:
                 await store.wait_change(job.id)

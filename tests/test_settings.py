@@ -39,6 +39,7 @@ def test_defaults() -> None:
     assert s.shutdown_grace == 30.0
     assert s.max_queue_per_user == 10
     assert s.max_queue == 500
+    assert s.listen_backlog == 4096  # hypercorn's 100 made bursts of clients retry SYNs
     assert s.api_keys == frozenset()
     assert s.admin_keys == frozenset()
     assert s.public_url == ""
@@ -78,6 +79,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, Any]] = [
     ("FATEGEN_MAX_QUEUE_PER_USER", "3", "max_queue_per_user", 3),
     ("FATEGEN_MAX_QUEUE", "1000", "max_queue", 1000),
     ("FATEGEN_MAX_CONNECTIONS", "2000", "max_connections", 2000),
+    ("FATEGEN_LISTEN_BACKLOG", "1024", "listen_backlog", 1024),
     ("LOG_FORMAT", " JSON ", "log_format", "json"),
     ("FATEGEN_TRUSTED_PROXY_HOPS", "2", "trusted_proxy_hops", 2),
     ("FATEGEN_IDEMPOTENCY_HOURS", "48", "idempotency_hours", 48.0),
@@ -164,6 +166,8 @@ BAD_VALUES = [
     ("FATEGEN_WEBP_QUALITY", "101"),
     ("FATEGEN_MAX_QUEUE", "0"),
     ("FATEGEN_MAX_CONNECTIONS", "0"),
+    ("FATEGEN_LISTEN_BACKLOG", "0"),
+    ("FATEGEN_LISTEN_BACKLOG", "lots"),
     ("LOG_FORMAT", "xml"),
     ("FATEGEN_TRUSTED_PROXY_HOPS", "-1"),
     ("FATEGEN_COMFYUI_CALL_TIMEOUT", "0"),

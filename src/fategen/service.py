@@ -206,7 +206,9 @@ class Service:
             log.warning("job %s was processing when fategen stopped: %s", job.id, outcome)
             await self.store.update(job, **requeue_interrupted(job))
         self.store.recovered = {j.id for j in self.store.queued()}
-        self.scheduler.restore(self.store.all_jobs())
+        # The turns need each nick's last served job: finished ones are read from disk (one
+        # per nick), not all held in memory.
+        self.scheduler.restore([*self.store.active_jobs(), *await self.store.last_served()])
         # The same WebSocket client id as before a restart: ComfyUI sends the events of the
         # prompts posted before it to that id, so they can be followed to their end.
         client_id = await self.db.run(self.db.get_meta, "comfyui_client_id")
@@ -317,7 +319,7 @@ def build_service(settings: Settings) -> Service:
 
     async def free(*, unload_models: bool = True, free_memory: bool = False) -> None:
         await session.free(unload_models=unload_models, free_memory=free_memory)
-        policy.unloaded()
+        scheduler.unloaded()
 
     watchdog = IdleWatchdog(
         free,
@@ -391,6 +393,28 @@ def connection_cap(settings: Settings, fd_limit: int) -> int:
     return settings.max_connections
 
 
+#: Linux caps every listen backlog at this (``sysctl net.core.somaxconn``).
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+
+
+def listen_backlog(settings: Settings) -> int:
+    """``FATEGEN_LISTEN_BACKLOG``, with a warning when the kernel holds fewer connections
+    than that (blocking: reads ``/proc``)."""
+    try:
+        cap = int(SOMAXCONN.read_text(encoding="ascii"))
+    except (OSError, ValueError):  # not Linux, or no /proc
+        return settings.listen_backlog
+    if settings.listen_backlog > cap:
+        log.warning(
+            "FATEGEN_LISTEN_BACKLOG=%d is more than the kernel allows (net.core.somaxconn=%d): "
+            "at most %d connections wait to be accepted",
+            settings.listen_backlog,
+            cap,
+            cap,
+        )
+    return settings.listen_backlog
+
+
 def prepare_process_for_hypercorn() -> None:
     """For a plain hypercorn deployment (`fategen.asgi`): the open-files limit raised and each
     connection isolated, as under ``fategen serve`` (the connection cap is ``serve``'s only)."""
@@ -440,6 +464,7 @@ async def run_service(
 ) -> None:
     """The whole service with its own HTTP server (``fategen serve``)."""
     service = await trio.to_thread.run_sync(build_service, settings)
+    backlog = await trio.to_thread.run_sync(listen_backlog, settings)
     stop_http = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run_actors, shutdown)
@@ -452,6 +477,7 @@ async def run_service(
                 stop_http.wait,
                 read_timeout=http_read_timeout(settings),
                 max_connections=connection_cap(settings, raise_fd_limit()),
+                backlog=backlog,
             )
         )
         log.info("fategen listening on %s, ComfyUI at %s", ", ".join(urls), settings.comfyui_url)

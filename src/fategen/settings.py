@@ -239,6 +239,12 @@ class Settings:
     max_connections: int = _v(
         "FATEGEN_MAX_CONNECTIONS", 10_000, _integer("FATEGEN_MAX_CONNECTIONS", low=1)
     )
+    #: Connections the kernel completes and holds until they are accepted (``listen``'s
+    #: backlog; Linux caps it at ``net.core.somaxconn``): thousands of bots connecting at once
+    #: wait there instead of retrying their SYNs for seconds.
+    listen_backlog: int = _v(
+        "FATEGEN_LISTEN_BACKLOG", 4096, _integer("FATEGEN_LISTEN_BACKLOG", low=1)
+    )
     #: Seconds any one call to ComfyUI may take in all (a trickling answer is cut off).
     comfyui_call_timeout: float = _v(
         "FATEGEN_COMFYUI_CALL_TIMEOUT", 60, _seconds("FATEGEN_COMFYUI_CALL_TIMEOUT")

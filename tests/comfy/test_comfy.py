@@ -202,13 +202,58 @@ def new_id() -> str:
 EMPTY_WORKFLOW: dict[str, Any] = trace("emptyimage")["prompt_request"]["prompt"]
 
 
+async def test_success_batch2_from_executed_without_history() -> None:
+    """The ``executed`` message names the images: no GET /history for them."""
+    with trio.fail_after(5):
+        async with open_fake() as (fake, session, _):
+            pid = new_id()
+            fake.scripts[pid] = script("emptyimage-batch2", pid)
+            await session.submit(EMPTY_WORKFLOW, prompt_id=pid)
+            refs = await session.follow(pid)
+            assert refs == [
+                ImageRef("proto_emptyimage_00002_.png", "", "output"),
+                ImageRef("proto_emptyimage_00003_.png", "", "output"),
+            ]
+            assert not [r for r in fake.requests if r[1].startswith("/history")]
+            # The same for a prompt ComfyUI had cached whole (``executed`` repeated).
+            pid = new_id()
+            fake.scripts[pid] = script("emptyimage-batch2-resubmitted-cached", pid)
+            await session.submit(EMPTY_WORKFLOW, prompt_id=pid)
+            assert len(await session.follow(pid)) == 2
+            assert not [r for r in fake.requests if r[1].startswith("/history")]
+
+
+async def test_two_output_nodes_take_the_images_from_history() -> None:
+    """With images from more than one node, /history says which and in what order."""
+    with trio.fail_after(5):
+        async with open_fake() as (fake, session, _):
+            pid = new_id()
+            frames = script("emptyimage", pid)
+            executed = next(f for f in frames if f["type"] == "executed")
+            preview = json.loads(json.dumps(executed))
+            preview["data"]["node"] = preview["data"]["display_node"] = "3"
+            preview["data"]["output"]["images"][0]["type"] = "temp"
+            frames.insert(frames.index(executed), preview)
+            fake.scripts[pid] = frames
+            fake.history[pid] = success_entry(pid, 2)
+            await session.submit(EMPTY_WORKFLOW, prompt_id=pid)
+            refs = await session.follow(pid)
+            assert refs == [ImageRef("fake_00000_.png"), ImageRef("fake_00001_.png")]
+            assert [r[1] for r in fake.requests if r[1].startswith("/history")] == [
+                f"/history/{pid}"
+            ]
+
+
 async def test_success_batch2_with_history_race() -> None:
+    """Without an ``executed`` message the images come from /history, retried while ComfyUI
+    has not stored the entry yet."""
     with trio.fail_after(5):
         async with open_fake() as (fake, session, _):
             await session.wait_available()
             assert session.available and session.last_error is None
             pid = new_id()
-            fake.scripts[pid] = script("emptyimage-batch2", pid)
+            frames = script("emptyimage-batch2", pid)
+            fake.scripts[pid] = [f for f in frames if f["type"] != "executed"]
             fake.history[pid] = success_entry(pid, 2)
             fake.history_misses = 2  # execution_success comes before the entry is stored
             images = await session.run_prompt(EMPTY_WORKFLOW, prompt_id=pid)
@@ -234,6 +279,65 @@ async def test_progress_callback_gets_each_step() -> None:
             refs = await session.follow(pid, lambda v, m: seen.append((v, m)))
             assert seen == [(1, 2), (2, 2)]
             assert refs == [ImageRef("proto_tiny_00006_.png", "", "output")]
+
+
+async def test_progress_callback_that_raises_is_logged_and_the_job_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(5):
+        async with open_fake() as (fake, session, _):
+            pid = new_id()
+            fake.scripts[pid] = script("ksampler-tiny-cold", pid)
+            calls: list[int] = []
+
+            def broken(value: int, maximum: int) -> None:
+                calls.append(value)
+                raise RuntimeError("bug")
+
+            await session.submit(EMPTY_WORKFLOW, prompt_id=pid)
+            refs = await session.follow(pid, broken)
+            assert refs == [ImageRef("proto_tiny_00006_.png", "", "output")]
+            assert calls == [1]  # reports stop after the failure
+            assert "the progress callback failed" in caplog.text
+            assert session.statistics().connections == 1  # the reader went on
+
+
+async def test_progress_before_follow_is_delivered_first() -> None:
+    with trio.fail_after(5):
+        async with open_fake() as (fake, session, _):
+            pid = new_id()
+            frames = script("ksampler-tiny-cold", pid)
+            end = next(i for i, f in enumerate(frames) if f["type"] == "executed")
+            fake.scripts[pid] = frames[:end]
+            await session.submit(EMPTY_WORKFLOW, prompt_id=pid)
+            await trio.sleep(0.3)  # both steps arrive before anyone follows
+            seen: list[tuple[int, int]] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fake.play, frames[end:])
+                await session.follow(pid, lambda v, m: seen.append((v, m)))
+            assert seen == [(1, 2), (2, 2)]
+
+
+async def test_progress_state_alone_holds_the_stall_clock() -> None:
+    """Signs of life keep a prompt from stalling without waking its follower each time."""
+    with trio.fail_after(5):
+        async with open_fake(stall_timeout=0.3) as (fake, session, nursery):
+            pid = new_id()
+            frames = script("emptyimage", pid)
+            state = {"type": "progress_state", "data": {"prompt_id": pid, "nodes": {}}}
+
+            async def play() -> None:
+                await fake.play(frames[:3])
+                for _ in range(8):  # 0.8 s of progress_state only, well past 0.3 s
+                    await trio.sleep(0.1)
+                    await fake.send(state)
+                await fake.play(frames[3:])
+
+            await session.submit(EMPTY_WORKFLOW, prompt_id=pid)
+            start = trio.current_time()
+            nursery.start_soon(play)
+            assert len(await session.follow(pid)) == 1
+            assert trio.current_time() - start >= 0.8
 
 
 async def test_execution_error_names_the_node() -> None:

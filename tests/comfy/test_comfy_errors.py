@@ -13,6 +13,7 @@ from fategen.comfy.wire import (
     INTERRUPTED,
     ComfyRest,
     ExecutionError,
+    ProgressState,
     Status,
     execution_error_sentence,
     history_failure,
@@ -211,6 +212,30 @@ def test_every_recorded_text_frame_parses_or_is_ignored() -> None:
     assert parse_message("not json") is None
     assert parse_message('{"type": "executing", "data": {}}') is None
     assert parse_message('{"type": "feature_flags", "data": {}}') is None
+
+
+def test_progress_state_head_reads_like_the_whole_frame() -> None:
+    """The ``progress_state`` short cut gives what decoding the whole frame gives, for every
+    recorded one; a frame in another form is decoded in full."""
+    seen = 0
+    for path in PROTOCOL.glob("ws-messages-*.json"):
+        trace = json.loads(path.read_text())
+        for frame in trace.get("messages") or ():
+            if frame["kind"] != "text" or frame["data"].get("type") != "progress_state":
+                continue
+            text = json.dumps(frame["data"])  # as aiohttp's send_json writes it
+            assert text.startswith('{"type": "progress_state", "data": {"prompt_id": "')
+            message = parse_message(text)
+            assert message == ProgressState.from_data(frame["data"]["data"])
+            seen += 1
+    assert seen > 20
+    compact = '{"type":"progress_state","data":{"nodes":{},"prompt_id":"abc"}}'
+    assert parse_message(compact) == ProgressState("abc")
+    escaped = '{"type": "progress_state", "data": {"prompt_id": "a\\u0062", "nodes": {}}}'
+    assert parse_message(escaped) == ProgressState("ab")
+    assert parse_message('{"type": "progress_state", "data": {"prompt_id": "", "x": 1}}') == (
+        ProgressState("")
+    )
 
 
 async def test_rest_errors_become_sentences() -> None:

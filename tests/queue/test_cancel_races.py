@@ -62,7 +62,7 @@ async def test_cancel_at_the_hand_over_to_the_follower_is_final(
         assert not worker._cancels and not worker._held and not worker._scopes
         assert stack.running.session.statistics().tracked_prompts == 0
         # No prompt that was answered "cancelled" ran to success on ComfyUI afterwards.
-        states = {j.id: j.status.value for j in stack.running.store.all_jobs()}
+        states = {j.id: j.status.value for j in stack.running.store.held_jobs()}
         for record in stack.sim.executions:
             if states.get(record.prompt_id) == "cancelled":
                 assert record.status != "success", record

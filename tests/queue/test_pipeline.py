@@ -44,7 +44,7 @@ async def test_back_to_back_jobs_leave_no_gap_on_comfyui(tmp_path: Path) -> None
     overlapped = 0
     post: list[float] = []
     for current, following in itertools.pairwise(runs):
-        job = store.get(current.prompt_id)
+        job = await store.get(current.prompt_id)
         assert job is not None and job.finished is not None and job.started is not None
         # Post-processing (after ComfyUI finished it) ran while the next prompt executed.
         if job.finished > following.started_wall:
@@ -53,7 +53,7 @@ async def test_back_to_back_jobs_leave_no_gap_on_comfyui(tmp_path: Path) -> None
     print(f"post-processing after ComfyUI: median {statistics.median(post) * 1000:.0f} ms")
     assert overlapped >= JOBS // 2, overlapped
     for job_id in ids:
-        job = store.get(job_id)
+        job = await store.get(job_id)
         assert job is not None and job.started is not None
         # "processing" means executing: never before ComfyUI started it, and soon after.
         run = by_id[job_id]

@@ -143,4 +143,4 @@ async def test_render_result_async(tmp_path: Path) -> None:
                     )
                 )
     assert files(tmp_path) == ["job-3.webp", "par-0.webp", "par-1.webp", "par-2.webp"]
-    assert postprocess.RENDER_LIMITER.total_tokens == 2
+    assert 2 <= postprocess.RENDER_LIMITER.total_tokens <= postprocess.CONCURRENT_JOBS

@@ -29,7 +29,7 @@ async def positions(stack: Stack, ids: list[str]) -> dict[str, int]:
 async def wait_executing(stack: Stack, job_id: str) -> None:
     await stack.sim.wait_running(job_id)
     store = stack.running.store
-    job = store.get(job_id)
+    job = await store.get(job_id)
     assert job is not None
     while job.status.value != "processing":
         await store.wait_change(job_id)
@@ -85,7 +85,7 @@ async def test_positions_count_down_to_zero_in_steps_of_one(tmp_path: Path) -> N
     async with open_stack(tmp_path, knobs, FATEGEN_SHUTDOWN_GRACE="0") as stack:
         with trio.fail_after(20):
             ids = [(await stack.submit(f"n{i} -m tiny {SIZE}", "x"))["job_id"] for i in range(5)]
-            last = stack.running.store.get(ids[-1])
+            last = await stack.running.store.get(ids[-1])
             assert last is not None
             seen = []
             while not last.status.finished:

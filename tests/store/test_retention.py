@@ -77,7 +77,7 @@ async def test_prune_removes_only_old_finished_jobs_and_their_images(
         assert await prune(store, output, max_age=168 * HOUR, now=NOW) == 3
     gone = {"old completed", "old failed", "old cancelled"}
     for name, job in jobs.items():
-        assert (store.get(job.id) is None) == (name in gone), name
+        assert (await store.get(job.id) is None) == (name in gone), name
         assert result_path(output, job.id).exists() == (name not in gone), name
     # And on disk: a reload finds the same.
     db = JobDB(tmp_path / "jobs.sqlite3")
@@ -107,12 +107,12 @@ async def test_pruner_runs_periodically_on_its_clock(store: JobStore, tmp_path: 
         async with trio.open_nursery() as nursery:
             await nursery.start(pruner.run)
             await trio.sleep(0.05)
-            assert len(list(store.all_jobs())) == len(jobs)
+            assert len(store.held_jobs()) == len(jobs)
             now[0] = NOW
-            while store.get(jobs["old failed"].id) is not None:
+            while await store.get(jobs["old failed"].id) is not None:
                 await store.wait_any_change()
             nursery.cancel_scope.cancel()
-    assert len(list(store.all_jobs())) == 3
+    assert len(store.held_jobs()) == 3
 
 
 async def test_service_prunes_finished_jobs_but_not_queued_ones(tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ async def test_service_prunes_finished_jobs_but_not_queued_ones(tmp_path: Path) 
             stuck = (await stack.submit("stuck -m tiny -w 256 -h 256"))["job_id"]
             waiting = (await stack.submit("waiting -m tiny -w 256 -h 256"))["job_id"]
             store = stack.running.store
-            while store.get(done["job_id"]) is not None:
+            while await store.get(done["job_id"]) is not None:
                 await store.wait_any_change()
             assert not await image.exists()
             assert (await stack.client.get(f"/job/{done['job_id']}")).status_code == 404

@@ -75,7 +75,7 @@ async def test_add_and_update_persist_and_reload(store: JobStore, path: Path) ->
 
     db, again, _ = await reopen(path)
     try:
-        loaded = list(again.all_jobs())
+        loaded = [await again.get(j.id) for j in jobs]
         assert [j.id for j in loaded] == [j.id for j in jobs]
         assert [j.seq for j in loaded] == [1, 2, 3]
         assert loaded == jobs  # every field, including the GenerationRequest
@@ -97,7 +97,7 @@ async def test_reload_orders_by_seq_not_by_insertion(store: JobStore, path: Path
     await store.update(first, seq=10)  # the sequence, not the row order, decides
     db, again, _ = await reopen(path)
     try:
-        assert [j.id for j in again.all_jobs()] == [second.id, first.id]
+        assert [j.id for j in again.active_jobs()] == [second.id, first.id]
         assert [j.id for j in again.queued()] == [second.id, first.id]
         later = job("c")
         await again.add(later)
@@ -113,7 +113,7 @@ async def test_large_seed_survives_sqlite(store: JobStore, path: Path, seed: int
     await store.update(j, status=JobStatus.FAILED, error="x")
     db, again, _ = await reopen(path)
     try:
-        loaded = again.get(j.id)
+        loaded = await again.get(j.id)
         assert loaded is not None
         assert loaded.request.seed == seed
         assert type(loaded.request.seed) is int
@@ -131,7 +131,7 @@ async def test_awkward_text_survives_sqlite(store: JobStore, path: Path) -> None
     await store.add(j)
     db, again, _ = await reopen(path)
     try:
-        loaded = again.get(j.id)
+        loaded = await again.get(j.id)
         assert loaded is not None
         assert loaded.request.prompt == text
         assert loaded.request.negative == "--no; DROP TABLE jobs;"
@@ -151,7 +151,7 @@ async def test_load_returns_the_jobs_that_were_processing(store: JobStore, path:
     try:
         assert [j.id for j in interrupted] == [jobs[1].id, jobs[3].id]
         assert [j.attempts for j in interrupted] == [1, 2]
-        assert all(again.get(j.id) is j for j in interrupted)
+        assert all(again.held(j.id) is j for j in interrupted)
         assert [j.id for j in again.queued()] == [jobs[2].id]
         assert again.active == 3
     finally:
@@ -184,7 +184,7 @@ async def test_concurrent_updates_of_one_job_all_reach_the_disk(
         nursery.start_soon(lambda: store.update(j, attempts=1))
     db, again, _ = await reopen(path)
     try:
-        loaded = again.get(j.id)
+        loaded = await again.get(j.id)
         assert loaded == j
         assert loaded is not None
         assert (loaded.status, loaded.submitted, loaded.attempts) == (
@@ -210,9 +210,10 @@ async def test_db_calls_run_in_a_worker_thread(
     j = job()
     await store.add(j)
     await store.update(j, status=JobStatus.COMPLETED)
-    await store.delete([j])
+    await store.delete([j.id])
     await store.load()
-    assert calls == ["insert", "save", "delete", "load_all"]
+    # Writes go through the group commit; a start-up load is one call.
+    assert calls == ["_commit", "_commit", "_commit", "load_held"]
 
 
 # -- idempotency -----------------------------------------------------------------------
@@ -223,15 +224,15 @@ async def test_idempotency_lookup_survives_a_reload(store: JobStore, path: Path)
     b = job("bob", idempotency_key="msg-1")
     await store.add(a)
     await store.add(b)
-    assert store.by_idempotency_key("alice", "msg-1") is a
+    assert await store.by_idempotency_key("alice", "msg-1") is a
     db, again, _ = await reopen(path)
     try:
-        found = again.by_idempotency_key("alice", "msg-1")
+        found = await again.by_idempotency_key("alice", "msg-1")
         assert found is not None and found.id == a.id
-        found = again.by_idempotency_key("bob", "msg-1")
+        found = await again.by_idempotency_key("bob", "msg-1")
         assert found is not None and found.id == b.id
-        assert again.by_idempotency_key("alice", "msg-2") is None
-        assert again.by_idempotency_key("carol", "msg-1") is None
+        assert await again.by_idempotency_key("alice", "msg-2") is None
+        assert await again.by_idempotency_key("carol", "msg-1") is None
     finally:
         db.close()
 
@@ -241,8 +242,8 @@ async def test_duplicate_idempotency_key_is_refused_by_the_database(store: JobSt
     await store.add(first)
     with pytest.raises(sqlite3.IntegrityError):
         await store.add(job("alice", idempotency_key="msg-1"))
-    assert store.by_idempotency_key("alice", "msg-1") is first
-    assert len(list(store.all_jobs())) == 1
+    assert await store.by_idempotency_key("alice", "msg-1") is first
+    assert len(store.held_jobs()) == 1
 
 
 # -- waiting ---------------------------------------------------------------------------
@@ -345,7 +346,7 @@ async def test_delete_wakes_waiters(store: JobStore) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.wait_change, j.id)
             await trio.testing.wait_all_tasks_blocked()
-            await store.delete([j])
+            await store.delete([j.id])
 
 
 # -- queue position --------------------------------------------------------------------
@@ -363,20 +364,59 @@ async def test_queue_position(store: JobStore) -> None:
     await store.update(a, status=JobStatus.COMPLETED)
     await store.update(b, status=JobStatus.FAILED)
     assert [store.queue_position(j) for j in (a, b, c, d)] == [None, None, None, 1]
-    view = store.view(d.id)
+    view = await store.view(d.id)
     assert view is not None
     assert view.queue_position == 1
     assert view.request == d.request
-    assert store.view("nope") is None
+    assert await store.view("nope") is None
 
 
-async def test_queue_position_follows_the_installed_order(store: JobStore) -> None:
+class NewestFirst:
+    """A queue index that runs the newest job first, and records what it is told."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.told: list[tuple[str, str]] = []
+
+    def add(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        self.told.append(("add", job.id))
+
+    def discard(self, job: Job) -> None:
+        self.jobs.pop(job.id, None)
+        self.told.append(("discard", job.id))
+
+    def ordered(self) -> list[Job]:
+        return sorted(self.jobs.values(), key=lambda j: -j.seq)
+
+    def position(self, job: Job) -> int | None:
+        order = [j.id for j in self.ordered()]
+        return order.index(job.id) + 1 if job.id in order else None
+
+
+async def test_queue_position_follows_the_installed_index(store: JobStore) -> None:
     a, b, c = job("a"), job("b"), job("c")
-    for j in (a, b, c):
+    for j in (a, b):
         await store.add(j)
-    store.order_queued = lambda jobs: sorted(jobs, key=lambda j: -j.seq)
+    index = NewestFirst()
+    store.use_index(index)  # told of the jobs queued already
+    await store.add(c)
     assert [store.queue_position(j) for j in (a, b, c)] == [3, 2, 1]
     assert store.queued() == [c, b, a]
+    # Told of each job leaving the queue, and of one coming back.
+    await store.update(a, status=JobStatus.PROCESSING)
+    await store.update(a, status=JobStatus.QUEUED)
+    await store.update(b, status=JobStatus.CANCELLED)
+    await store.update(b, error="no longer queued: not told again")
+    assert index.told == [
+        ("add", a.id),
+        ("add", b.id),
+        ("add", c.id),
+        ("discard", a.id),
+        ("add", a.id),
+        ("discard", b.id),
+    ]
+    assert [store.queue_position(j) for j in (a, b, c)] == [2, None, 1]
 
 
 async def test_count_queued(store: JobStore) -> None:
@@ -404,7 +444,7 @@ async def test_on_activity_is_called_on_idle_busy_transitions_only(store: JobSto
     await store.update(b, error="late note")  # finished stays finished: nothing to say
     c = job("c")
     await store.add(c)
-    await store.delete([c])
+    await store.delete([c.id])
     assert [active > 0 for active in calls] == [True, False, True, False]
     assert calls[0] == 1 and calls[-1] == 0
     assert store.active == 0
@@ -431,14 +471,14 @@ async def test_delete(store: JobStore, path: Path) -> None:
     await store.add(keep)
     await store.add(gone)
     await store.update(gone, status=JobStatus.COMPLETED)
-    await store.delete([gone])
-    assert store.get(gone.id) is None
-    assert store.view(gone.id) is None
-    assert store.by_idempotency_key("a", "k2") is None
-    assert store.by_idempotency_key("a", "k1") is keep
+    await store.delete([gone.id])
+    assert await store.get(gone.id) is None
+    assert await store.view(gone.id) is None
+    assert await store.by_idempotency_key("a", "k2") is None
+    assert await store.by_idempotency_key("a", "k1") is keep
     db, again, _ = await reopen(path)
     try:
-        assert [j.id for j in again.all_jobs()] == [keep.id]
+        assert [j.id for j in again.held_jobs()] == [keep.id]
         # The key is free again.
         await again.add(job("a", idempotency_key="k2"))
     finally:
@@ -447,8 +487,8 @@ async def test_delete(store: JobStore, path: Path) -> None:
 
 async def test_delete_nothing_and_unknown(store: JobStore) -> None:
     await store.delete([])
-    await store.delete([job()])
-    assert list(store.all_jobs()) == []
+    await store.delete([job().id])
+    assert store.held_jobs() == []
 
 
 # -- schema ----------------------------------------------------------------------------

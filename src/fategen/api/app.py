@@ -16,7 +16,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from fategen import __version__
-from fategen.api import auth, docs, health, jobs, models
+from fategen.api import answers, auth, docs, health, jobs, models
 from fategen.api.common import EXTENSION, ApiState, error
 from fategen.api.frontdesk import Frontdesk, Refused
 from fategen.api.schemas import CompleteOpenAPIProvider
@@ -139,6 +139,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
         output_dir=settings.output_dir.resolve(),
         keys=keys,
     )
+    answers.install(app)
     if settings.trusted_proxy_hops:
         # Behind a TLS proxy: the client's address, scheme and host from X-Forwarded-*, so
         # the URLs in answers (image_url, job_url, wait_url) are the ones bots can reach.

@@ -62,13 +62,13 @@ def base_url() -> str:
     return state().settings.public_url or request.host_url.rstrip("/")
 
 
-def find_job(job_id: str) -> JobView:
+async def find_job(job_id: str) -> JobView:
     """The job named in a path, or `Refused` (404) with a sentence."""
     try:
         canonical = str(uuid.UUID(job_id))
     except ValueError:
         raise Refused(f"there is no job {job_id[:64]!r}", 404) from None
-    view = state().desk.view(canonical)
+    view = await state().desk.view(canonical)
     if view is None:
         raise Refused(f"there is no job {canonical}", 404)
     return view

@@ -6,6 +6,7 @@ never hands out anything mutable: readers get `JobView` snapshots.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -23,6 +24,7 @@ from fategen.core.workflow import WorkflowTemplate, build_workflow
 from fategen.errors import FategenError
 from fategen.queue.scheduler import Scheduler
 from fategen.store.jobs import Job, JobStatus, JobStore, JobView
+from fategen.store.locks import KeyedLocks
 from fategen.store.model import user_of
 
 log = logging.getLogger("fategen.jobs")
@@ -87,7 +89,13 @@ class Frontdesk:
     availability: ModelAvailability = attrs.field(factory=ModelAvailability)
     rng: random.Random = attrs.field(factory=random.SystemRandom)
     stopping: bool = False
-    _submit_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    #: Submissions with one Idempotency-Key follow each other (the second finds the first);
+    #: others do not wait for each other, so their jobs share one commit.
+    _key_locks: KeyedLocks[tuple[str, str]] = attrs.field(factory=KeyedLocks, init=False)
+    #: Jobs accepted but not yet on disk (not yet counted by the store), in all and by user:
+    #: the caps count them too.
+    _adding: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    _adding_total: int = attrs.field(default=0, init=False)
 
     def parse(self, message: str) -> GenerationRequest:
         if len(message) > MAX_MESSAGE:
@@ -136,9 +144,13 @@ class Frontdesk:
             if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
                 raise Refused(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
         request = self.parse(message)
-        async with self._submit_lock:
-            if idempotency_key is not None:
-                earlier = self.store.by_idempotency_key(user_of(key_name, nick), idempotency_key)
+        if idempotency_key is None:
+            job = await self._add(nick, message, request, None, key_name)
+        else:
+            async with self._key_locks.hold((user_of(key_name, nick), idempotency_key)):
+                earlier = await self.store.by_idempotency_key(
+                    nick, idempotency_key, key_name=key_name
+                )
                 if earlier is not None and time.time() - earlier.created > self.idempotency_ttl:
                     await self.store.forget_idempotency_key(earlier)
                 elif earlier is not None:
@@ -148,35 +160,10 @@ class Frontdesk:
                             "another message; send a new key with a new request",
                             422,
                         )
-                    view = self.store.view(earlier.id)
-                    assert view is not None
-                    return view, True
-            if self.store.count_queued() >= self.max_queue:
-                raise Refused(
-                    f"the queue is full ({self.max_queue} jobs); try again in a minute",
-                    429,
-                    retry_after=60,
-                )
-            mine = self.store.count_queued(user_of(key_name, nick))
-            if mine >= self.max_queue_per_user:
-                raise Refused(
-                    f"{nick} already has {mine} jobs queued (the limit is "
-                    f"{self.max_queue_per_user}); wait for one to finish",
-                    429,
-                    retry_after=30,
-                )
-            job = Job(
-                id=Job.new_id(),
-                nick=nick,
-                message=message,
-                request=request,
-                idempotency_key=idempotency_key,
-                key_name=key_name,
-            )
-            await self.store.add(job)
+                    return self.store.view_of(earlier), True
+                job = await self._add(nick, message, request, idempotency_key, key_name)
         self.scheduler.wake()
-        view = self.store.view(job.id)
-        assert view is not None
+        view = self.store.view_of(job)
         log.info(
             "job %s accepted from %s: %s, %dx%d, %d image(s), seed %d, queue position %s",
             job.id,
@@ -191,22 +178,75 @@ class Frontdesk:
         )
         return view, False
 
-    def view(self, job_id: str) -> JobView | None:
-        return self.store.view(job_id)
+    async def _add(
+        self,
+        nick: str,
+        message: str,
+        request: GenerationRequest,
+        idempotency_key: str | None,
+        key_name: str | None,
+    ) -> Job:
+        """Check the caps and add the job; on disk when this returns. The check and the
+        reservation happen at once (no checkpoint between), and jobs on their way to the
+        disk count: concurrent submissions cannot overshoot a cap while they share a commit.
+        (Between its commit and this task resuming, a job counts twice: a cap errs on the
+        side of refusing, for that moment.)
+
+        Raises:
+            Refused: a queue cap (429).
+        """
+        user = user_of(key_name, nick)
+        if self.store.count_queued() + self._adding_total >= self.max_queue:
+            raise Refused(
+                f"the queue is full ({self.max_queue} jobs); try again in a minute",
+                429,
+                retry_after=60,
+            )
+        mine = self.store.count_queued(user) + self._adding[user]
+        if mine >= self.max_queue_per_user:
+            raise Refused(
+                f"{nick} already has {mine} jobs queued (the limit is "
+                f"{self.max_queue_per_user}); wait for one to finish",
+                429,
+                retry_after=30,
+            )
+        job = Job(
+            id=Job.new_id(),
+            nick=nick,
+            message=message,
+            request=request,
+            idempotency_key=idempotency_key,
+            key_name=key_name,
+        )
+        self._adding_total += 1
+        self._adding[user] += 1
+        try:
+            await self.store.add(job)
+        finally:
+            self._adding_total -= 1
+            self._adding[user] -= 1
+            if not self._adding[user]:
+                del self._adding[user]
+        return job
+
+    async def view(self, job_id: str) -> JobView | None:
+        """A snapshot of the job (a finished one may be read from disk); None if unknown."""
+        return await self.store.view(job_id)
 
     async def wait_finished(self, job_id: str) -> None:
-        """Block until the job has finished (or the service stops); wrap it in a timeout."""
+        """Block until the job has finished (or the service stops); wrap it in a timeout.
+        A job not in memory is finished (or unknown): that answers at once."""
         while not self.stopping:
-            job = self.store.get(job_id)
+            job = self.store.held(job_id)
             if job is None or job.status.finished:
                 return
-            await self.store.wait_change(job_id)
+            await self.store.wait_change(job_id, progress=False)  # its end, not each step
 
     async def cancel(
         self, job_id: str, *, nick: str | None, admin: bool, key_name: str | None = None
     ) -> JobView:
         """Cancel a job: the nick that submitted it, through the same API key, or an admin."""
-        job = self.store.get(job_id)
+        job = await self.store.get(job_id)
         if job is None:
             raise Refused(f"there is no job {job_id}", 404)
         if not admin:
@@ -243,9 +283,7 @@ class Frontdesk:
                     await self.store.wait_change(job.id)
         if job.ended() and job.status is not JobStatus.CANCELLED:
             raise Refused(f"job {job_id} has already {job.status.value}", 409)
-        view = self.store.view(job_id)
-        assert view is not None
-        return view
+        return self.store.view_of(job)
 
     @staticmethod
     def _too_late(job: Job) -> Refused:

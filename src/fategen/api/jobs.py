@@ -9,11 +9,13 @@ import trio
 from quart import Blueprint, Response, request, send_file
 from quart_schema import (
     document_headers,
+    document_response,
     validate_querystring,
     validate_request,
     validate_response,
 )
 
+from fategen.api.answers import answers, job_answer
 from fategen.api.auth import caller
 from fategen.api.common import base_url, find_job, job_response, state
 from fategen.api.frontdesk import Refused
@@ -75,7 +77,7 @@ async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, st
 @validate_response(ErrorResponse, 404)
 async def get_job(job_id: str) -> tuple[JobResponse, int]:
     """A job's state, queue position, progress and, once completed, its image."""
-    return job_response(find_job(job_id)), 200
+    return job_response(await find_job(job_id)), 200
 
 
 @blueprint.delete("/job/<job_id>")
@@ -87,7 +89,7 @@ async def get_job(job_id: str) -> tuple[JobResponse, int]:
 @validate_response(ErrorResponse, 409)
 async def cancel_job(job_id: str, query_args: CancelQuery) -> tuple[JobResponse, int]:
     """Cancel a job: the nick that submitted it, or an admin key, may."""
-    view = find_job(job_id)
+    view = await find_job(job_id)
     who = caller()
     cancelled = await state().desk.cancel(
         view.id,
@@ -102,7 +104,7 @@ async def cancel_job(job_id: str, query_args: CancelQuery) -> tuple[JobResponse,
 @validate_response(ErrorResponse, 404)
 async def get_image(job_id: str) -> Response:
     """The finished WebP (image/webp)."""
-    view = find_job(job_id)
+    view = await find_job(job_id)
     if view.result is None:
         raise Refused(f"job {view.id} has no image (it is {view.status.value})", 404)
     path = state().output_dir / Path(view.result).name
@@ -119,16 +121,16 @@ async def get_image(job_id: str) -> Response:
 
 @blueprint.get("/wait/<job_id>")
 @validate_querystring(WaitQuery)
-@validate_response(JobResponse, 200)
-@validate_response(JobResponse, 202)
+@document_response(JobResponse, 200)
+@document_response(JobResponse, 202)
 @validate_response(ErrorResponse, 400)
 @validate_response(ErrorResponse, 404)
-async def wait_job(job_id: str, query_args: WaitQuery) -> Response | tuple[JobResponse, int]:
+async def wait_job(job_id: str, query_args: WaitQuery) -> Response:
     """Wait for a job to finish (long-poll).
 
     Answers 200 once the job has finished, or 202 with its current state when the timeout
     runs out (poll again)."""
-    view = find_job(job_id)
+    view = await find_job(job_id)
     settings, desk = state().settings, state().desk
     timeout = query_args.timeout
     if timeout is None:
@@ -138,8 +140,9 @@ async def wait_job(job_id: str, query_args: WaitQuery) -> Response | tuple[JobRe
     timeout = min(timeout, settings.wait_timeout_max)
     with trio.move_on_after(timeout):
         await desk.wait_finished(view.id)
-    final = desk.view(view.id)
-    assert final is not None
-    if final.status.finished:
-        return job_response(final), 200
-    return job_response(final), 202
+    # Thousands of waiters may get here at once (their job ended, or their timeouts did):
+    # they answer a batch at a time, and share one body per state of the job.
+    async with answers().turn:
+        final = await desk.view(view.id)
+        assert final is not None
+        return await job_answer(final, 200 if final.status.finished else 202)

@@ -5,8 +5,9 @@
 ``prompt_id`` to the tracker of that prompt. Binary frames (previews) are ignored.
 
 A job is ``submit`` (``POST /prompt`` with a client-chosen ``prompt_id``), ``follow`` (the
-WebSocket events until ``executing`` with ``node: null``, then ``GET /history/{id}``, the source
-of truth for outputs) and ``fetch_images`` (``GET /view``, or ComfyUI's output folder when
+WebSocket events until ``executing`` with ``node: null``; the outputs are those of the
+``executed`` message when the socket saw the whole prompt, otherwise ``GET /history/{id}``)
+and ``fetch_images`` (``GET /view``, or ComfyUI's output folder when
 ``folder_path`` is set). ``run_prompt`` does all three.
 
 Errors (each ``str()`` is one sentence):
@@ -286,14 +287,18 @@ class ComfySession:
         tracker.touch()
 
     async def follow(self, prompt_id: str, on_progress: OnProgress | None = None) -> list[ImageRef]:
-        """Follow a submitted prompt to its end; return its images (from ``/history``).
+        """Follow a submitted prompt to its end; return its images.
 
-        ``on_progress(value, max)`` is called for each ``progress`` message (sampler steps).
+        ``on_progress(value, max)`` is called for each ``progress`` message (sampler steps),
+        from the session's reader as each arrives (steps that came before this call first);
+        it must be quick and not raise (an exception is logged and stops the reports).
         A prompt that was not submitted through this session (say, before a restart) is
         looked up in ``/history`` and ``/queue`` first.
 
-        Images: every image of every output node in the history entry, type ``output``
-        (SaveImage); only if there are none, type ``temp`` (PreviewImage).
+        Images: every image of every output node, type ``output`` (SaveImage); only if there
+        are none, type ``temp`` (PreviewImage). They are those of the ``executed`` message
+        when one output node listed images and the socket saw the whole prompt succeed
+        (no ``GET /history`` then); otherwise those of the history entry.
 
         Raises:
             ComfyError: ``execution_error`` (naming the node), ``execution_interrupted``,
@@ -308,6 +313,7 @@ class ComfySession:
             tracker.connection = -1  # unknown past: reconcile with /history and /queue first
         sentence: str | None = None
         try:
+            tracker.follow_progress(on_progress)
             with trio.move_on_after(self.job_timeout):
                 try:
                     return await self._follow(tracker, on_progress)
@@ -329,14 +335,13 @@ class ComfySession:
         raise JobTimeout(sentence)
 
     async def _follow(self, tracker: Tracker, on_progress: OnProgress | None) -> list[ImageRef]:
+        # Progress reaches ``on_progress`` from the reader (`Tracker.follow_progress`); this
+        # task wakes only when the prompt ends, fails or is cancelled, when the connection
+        # changes, and at the stall deadline.
         while True:
             changed = tracker.changed()
             if tracker.cancelled:
                 raise ComfyError("the job was cancelled")
-            while tracker.progress:
-                value, maximum = tracker.progress.popleft()
-                if on_progress is not None:
-                    on_progress(value, maximum)
             if tracker.failure is not None:
                 raise ComfyError(tracker.failure)
             if tracker.finished:
@@ -348,8 +353,10 @@ class ComfySession:
                 continue
             with trio.move_on_at(tracker.last_activity + self.stall_timeout):
                 await changed.wait()
-            if not changed.is_set():
-                raise Stalled
+            if changed.is_set():
+                continue
+            if trio.current_time() >= tracker.last_activity + self.stall_timeout:
+                raise Stalled  # else there was activity since: wait on from it
 
     async def _reconcile(self, tracker: Tracker) -> list[ImageRef] | None:
         """After a reconnect: is the prompt done (images), still queued (None), or lost?"""
@@ -362,6 +369,7 @@ class ComfySession:
             )
         connection = self._connection
         pid = tracker.prompt_id
+        tracker.complete = False  # messages may have been missed: /history tells the outputs
         where = await locate(self.rest, pid)
         if where.state in ("running", "queued"):
             log.info("prompt %s is still %s after a reconnect", pid, where.state)
@@ -378,7 +386,12 @@ class ComfySession:
         return images_from_entry(where.entry, tracker.workflow)
 
     async def _outputs(self, tracker: Tracker) -> list[ImageRef]:
-        """The history entry after ``executing`` null (retried: it may not be stored yet)."""
+        """The images after ``executing`` null: from the ``executed`` message if the socket
+        told all (`Tracker.outputs_known`), else from the history entry (retried: it may not
+        be stored yet)."""
+        known = tracker.outputs_known()
+        if known is not None:
+            return select_images(known)
         entry = await self.rest.history(tracker.prompt_id)
         for delay in _HISTORY_RETRIES:
             if entry is not None:
@@ -417,8 +430,14 @@ class ComfySession:
         if tracker is not None:
             tracker.cancelled = True
             tracker.notify()
-        await self.rest.delete_from_queue([prompt_id])
-        await self.rest.interrupt(prompt_id)
+        if tracker is not None and tracker.started:
+            # Running: every round trip before the interrupt is a step it may finish in.
+            await self.rest.interrupt(prompt_id)
+            await self.rest.delete_from_queue([prompt_id])
+        else:
+            # Pending: out of the queue first; interrupted too, had it just started.
+            await self.rest.delete_from_queue([prompt_id])
+            await self.rest.interrupt(prompt_id)
 
     def forget(self, prompt_id: str) -> None:
         """Stop tracking a prompt nobody will follow (cancelled before it was followed)."""

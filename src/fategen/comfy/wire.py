@@ -220,8 +220,23 @@ MESSAGE_TYPES: Mapping[str, Callable[[Mapping[str, Any]], ComfyMessage]] = {
 }
 
 
+#: How ComfyUI (aiohttp's ``send_json``, i.e. ``json.dumps``) begins a ``progress_state`` frame.
+_PROGRESS_STATE_HEAD = '{"type": "progress_state", "data": {"prompt_id": "'
+
+
 def parse_message(text: str) -> ComfyMessage | None:
-    """A WebSocket text frame -> message object; ``None`` if unknown or malformed."""
+    """A WebSocket text frame -> message object; ``None`` if unknown or malformed.
+
+    ``progress_state`` frames (one per node state change and per sampler step, listing every
+    node run so far: the largest and most frequent frames) are only a sign of life: their
+    ``prompt_id`` is read from the head of the frame as ComfyUI writes it, without decoding
+    the rest. A frame in any other form is decoded in full.
+    """
+    if text.startswith(_PROGRESS_STATE_HEAD):
+        start = len(_PROGRESS_STATE_HEAD)
+        end = text.find('"', start)
+        if end > start and "\\" not in text[start:end]:
+            return ProgressState(text[start:end])
     try:
         frame = json.loads(text)
         build = MESSAGE_TYPES.get(frame["type"])

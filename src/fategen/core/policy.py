@@ -17,6 +17,7 @@ first passed over. Nothing starves.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -49,8 +50,42 @@ class FairPolicy:
         self._last_served: dict[str, int] = {}
         #: job id -> (times passed over, time first passed over)
         self._passed: dict[str, tuple[int, float]] = {}
+        #: (time first passed over, job id) of `_passed`'s entries, oldest first; entries no
+        #: longer in `_passed` (or passed again later) are dropped as `expiry` meets them.
+        self._passed_since: list[tuple[float, str]] = []
         self.loaded_checkpoint: str | None = None
         self.swaps = 0
+
+    def user_of(self, job: Queued) -> str:
+        """Who ``job`` is for: the unit that takes turns."""
+        return self._user_of(job)
+
+    def checkpoint_of(self, job: Queued) -> str:
+        return self._checkpoint_of(job.model)
+
+    def last_served(self, user: str) -> int:
+        """When ``user`` was last served, as a tick (0: never); users take turns in this order."""
+        return self._last_served.get(user, 0)
+
+    @property
+    def inert(self) -> bool:
+        """True when affinity never reorders anything: no job may ever be passed over."""
+        return self.max_passes <= 0 or self.max_delay <= 0
+
+    def expiry(self) -> float:
+        """The earliest time a passed-over job's ``max_delay`` runs out (inf: none will).
+
+        The order changes by itself at that moment (the job may no longer be passed over);
+        until then `order` gives the same answer at any time. Amortized O(log n).
+        """
+        heap = self._passed_since
+        while heap:
+            since, job_id = heap[0]
+            entry = self._passed.get(job_id)
+            if entry is not None and entry[1] == since:
+                return since + self.max_delay
+            heapq.heappop(heap)
+        return float("inf")
 
     def _queues(self, jobs: Sequence[Queued]) -> tuple[list[str], dict[str, list[Queued]]]:
         """Users in turn order, and each user's queued jobs in submission order."""
@@ -112,7 +147,9 @@ class FairPolicy:
         return head, []
 
     @staticmethod
-    def _pass_over(skipped: list[Queued], passed: dict[str, tuple[int, float]], now: float) -> None:
+    def _pass_over(
+        skipped: Sequence[Queued], passed: dict[str, tuple[int, float]], now: float
+    ) -> None:
         for job in skipped:
             times, since = passed.get(job.id, (0, now))
             passed[job.id] = (times + 1, since)
@@ -156,6 +193,14 @@ class FairPolicy:
         if not any(self._checkpoint_of(j.model) == loaded for j in jobs):
             loaded = None  # nothing to prefer: skip the scan, the fair head runs
         job, skipped = self._choose(self._turns(*self._queues(jobs)), loaded, self._passed, now)
+        self.served(job, skipped, now)
+        return job
+
+    def served(self, job: Queued, skipped: Sequence[Queued], now: float) -> None:
+        """Remember a pick: ``job`` runs, passing over ``skipped`` (from `_choose`)."""
+        for passed in skipped:
+            if passed.id not in self._passed:
+                heapq.heappush(self._passed_since, (now, passed.id))
         self._pass_over(skipped, self._passed, now)
         self._passed.pop(job.id, None)
         self._last_served[self._user_of(job)] = next(self._tick)
@@ -163,10 +208,10 @@ class FairPolicy:
         if self.loaded_checkpoint is not None and checkpoint != self.loaded_checkpoint:
             self.swaps += 1
         self.loaded_checkpoint = checkpoint
-        return job
 
-    def forget(self, job_id: str) -> None:
-        self._passed.pop(job_id, None)
+    def forget(self, job_id: str) -> bool:
+        """Drop the job's pass count; whether it had one."""
+        return self._passed.pop(job_id, None) is not None
 
     def unloaded(self) -> None:
         """ComfyUI dropped its models (idle unload): no checkpoint is cheaper than another."""

@@ -1,9 +1,15 @@
 """The post-processor actor: fetches a finished job's images, makes the WebP grid, writes it.
 
-It runs beside the worker, so fetching and encoding one job overlaps the next generation.
+It runs beside the worker, so fetching and encoding one job overlaps the next generation, and
+it runs several jobs at once (`CONCURRENT_JOBS`), each to its end on its own: a job completes
+as soon as its own file is written, never behind another job's grid. While it has room it is
+always waiting for the next job, so the worker never waits to hand one over.
+
 Pillow work and file writes happen in worker threads (`render_result_async`, at most
-`RENDER_LIMITER` at once: WebP encoding releases the GIL, so two renders run in parallel).
-The grid itself is pure (`fategen.core.grid`); writing the file, atomically, is done here.
+`RENDER_LIMITER` at once: WebP encoding releases the GIL, so renders run in parallel). A job
+is recorded completed only once its file and the directory entry are on disk (fsynced); that
+happens here, off the worker's path to the next prompt. The grid itself is pure
+(`fategen.core.grid`); writing the file, atomically, is done here.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ from fategen.store.jobs import Job, JobStatus, JobStore, result_path
 
 log = logging.getLogger("fategen.postprocess")
 
-#: Renders running at once in `render_result_async` (each one is CPU-heavy).
-RENDER_LIMITER = trio.CapacityLimiter(2)
+#: Jobs post-processed at once (fetching their images, rendering, writing, recording). More
+#: finished jobs wait in the worker's channel to the post-processor.
+CONCURRENT_JOBS = 4
+#: Renders running at once in `render_result_async` (each one is CPU-heavy: one per core, at
+#: least two so a small grid is made beside a big one, at most `CONCURRENT_JOBS`).
+RENDER_LIMITER = trio.CapacityLimiter(max(2, min(CONCURRENT_JOBS, os.cpu_count() or 1)))
 
 
 @attrs.define(eq=False)
@@ -43,21 +53,47 @@ class PostProcessor:
     quality: int = 90
     #: Seconds a job may take from its start to its images fetched (None: no limit).
     job_timeout: float | None = None
-    #: True while a job is being post-processed.
-    busy: bool = False
+    #: Jobs post-processed at once.
+    concurrency: int = CONCURRENT_JOBS
+    #: The jobs being post-processed now (taken from the channel, not yet recorded).
+    in_flight: set[str] = attrs.field(factory=set, init=False)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is being post-processed, or handed over and waiting for room."""
+        return bool(self.in_flight) or self.results.statistics().current_buffer_used > 0
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        async with self.results:
+        """Take finished jobs from the channel and post-process up to `concurrency` of them
+        at once, each in a task of its own; a slot frees when its job is recorded."""
+        slots = trio.Semaphore(self.concurrency)
+        async with self.results, trio.open_nursery() as nursery:
             task_status.started()
-            async for job, refs in self.results:
-                self.busy = True
+            while True:
+                await slots.acquire()
                 try:
-                    await self.process(job, refs)
-                finally:
-                    self.busy = False
+                    job, refs = await self.results.receive()
+                except trio.EndOfChannel:
+                    break
+                self.in_flight.add(job.id)
+                nursery.start_soon(self._process_in_slot, job, refs, slots)
         raise RuntimeError("the post-processor's channel closed")
+
+    async def _process_in_slot(
+        self, job: Job, refs: Sequence[ImageRef], slots: trio.Semaphore
+    ) -> None:
+        try:
+            await self.process(job, refs)
+        except Exception:
+            # A bug, not a bad image (those are FategenErrors): it fails this job alone; the
+            # others being post-processed go on.
+            log.exception("job %s: post-processing failed unexpectedly", job.id)
+            await self._fail(job, "making the image failed unexpectedly; it has been logged")
+        finally:
+            self.in_flight.discard(job.id)
+            slots.release()
 
     async def process(self, job: Job, refs: Sequence[ImageRef]) -> None:
         """Fetch the images, make and write the result, and complete the job (or fail it
@@ -68,28 +104,20 @@ class PostProcessor:
             blobs = await self._fetch_in_time(job, refs)
             path = await render_result_async(blobs, self.output_dir, job.id, quality=self.quality)
         except FategenError as exc:
-            if await self.store.update(
-                job,
-                expect=(JobStatus.PROCESSING,),
-                status=JobStatus.FAILED,
-                error=str(exc),
-                finished=time.time(),
-            ):
-                log.info(
-                    "job %s failed: %s",
-                    job.id,
-                    exc,
-                    extra=job.log_fields("failed"),
-                )
+            await self._fail(job, str(exc))
             return
+        # Cancelled during the render (the service stops), the job stays processing: its
+        # file is whole, and after a restart it is found and used (`render_result`).
+        await trio.lowlevel.checkpoint_if_cancelled()
         finished = time.time()
-        await self.store.update(
+        if not await self.store.update(
             job,
             expect=(JobStatus.PROCESSING,),
             status=JobStatus.COMPLETED,
             result=path.name,
             finished=finished,
-        )
+        ):
+            return  # it ended otherwise meanwhile
         took = finished - (job.first_started or job.started or finished)  # from the first start
         log.info(
             "job %s finished in %.1f s: %s",
@@ -98,6 +126,16 @@ class PostProcessor:
             path.name,
             extra=job.log_fields("completed"),
         )
+
+    async def _fail(self, job: Job, error: str) -> None:
+        if await self.store.update(
+            job,
+            expect=(JobStatus.PROCESSING,),
+            status=JobStatus.FAILED,
+            error=error,
+            finished=time.time(),
+        ):
+            log.info("job %s failed: %s", job.id, error, extra=job.log_fields("failed"))
 
     async def _fetch_in_time(self, job: Job, refs: Sequence[ImageRef]) -> list[bytes]:
         if self.job_timeout is None:

@@ -3,6 +3,12 @@
 The worker asks for work by sending a reply channel; the scheduler answers as soon as a job is
 queued, choosing at that moment (so a job that arrived while ComfyUI was busy still gets its
 fair turn). Submissions and cancels of queued jobs go through the store and `wake`.
+
+The scheduler is the store's queue index (`fategen.store.jobs.QueueIndex`): the store tells
+it each job that becomes queued or stops being queued, and it answers queue positions. The
+order is: jobs handed to the worker but not started yet, then (after a restart) the jobs
+posted to ComfyUI before it, then the waiting jobs in the policy's order, kept by a
+`FairQueue` (see there for the costs).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any, NoReturn, cast
 import attrs
 import trio
 
+from fategen.core.fairqueue import FairQueue
 from fategen.core.policy import FairPolicy
 from fategen.store.jobs import Job, JobStatus, JobStore
 
@@ -26,23 +33,59 @@ class Scheduler:
     policy: FairPolicy
     requests: trio.MemoryReceiveChannel[trio.MemorySendChannel[Job]]
     #: Jobs handed to the worker that have not started on ComfyUI's side yet.
-    _dispatched: set[str] = attrs.field(factory=set, init=False)
+    _dispatched: dict[str, Job] = attrs.field(factory=dict, init=False)
     #: After a restart: jobs that were posted to ComfyUI before it, in posting order. They may
     #: still be in ComfyUI's queue, so they are handed out first.
     _pinned: list[Job] = attrs.field(factory=list, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _paused: bool = attrs.field(default=False, init=False)
+    #: The queued jobs neither dispatched nor pinned, in the policy's order.
+    _waiting: FairQueue = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.store.order_queued = self._order
+        self._waiting = FairQueue(self.policy)
+        self.store.use_index(self)
 
-    def _order(self, jobs: list[Job]) -> list[Job]:
-        ahead = sorted((j for j in jobs if j.id in self._dispatched), key=lambda j: j.seq)
-        pinned_ids = {j.id for j in self._pinned}
-        pinned = [j for j in self._pinned if j.status is JobStatus.QUEUED]
-        waiting = [j for j in jobs if j.id not in self._dispatched and j.id not in pinned_ids]
-        ordered = cast(list[Job], self.policy.order(waiting, trio.current_time()))
-        return ahead + [j for j in pinned if j.id not in self._dispatched] + ordered
+    # -- the store's queue index -----------------------------------------------------------
+    def add(self, job: Job) -> None:
+        """The job became queued (submitted or queued again)."""
+        if job.id not in self._dispatched and all(p.id != job.id for p in self._pinned):
+            self._waiting.add(job)
+
+    def discard(self, job: Job) -> None:
+        """The job is no longer queued (started, cancelled, deleted)."""
+        self._waiting.discard(job)
+
+    def _ahead(self) -> list[Job]:
+        """Dispatched jobs not started yet (at most the worker's prompts ahead: O(1))."""
+        return sorted(
+            (j for j in self._dispatched.values() if j.status is JobStatus.QUEUED),
+            key=lambda j: j.seq,
+        )
+
+    def _pinned_waiting(self) -> list[Job]:
+        return [
+            j for j in self._pinned if j.status is JobStatus.QUEUED and j.id not in self._dispatched
+        ]
+
+    def position(self, job: Job) -> int | None:
+        """The job's place: O(1) for jobs ahead, else the `FairQueue`'s cost."""
+        if job.status is not JobStatus.QUEUED:
+            return None
+        ahead = self._ahead()
+        for place, other in enumerate(ahead, start=1):
+            if other.id == job.id:
+                return place
+        pinned = self._pinned_waiting()
+        for place, other in enumerate(pinned, start=len(ahead) + 1):
+            if other.id == job.id:
+                return place
+        waiting = self._waiting.position(job, trio.current_time())
+        return None if waiting is None else len(ahead) + len(pinned) + waiting
+
+    def ordered(self) -> list[Job]:
+        waiting = cast(list[Job], self._waiting.order(trio.current_time()))
+        return self._ahead() + self._pinned_waiting() + waiting
 
     def restore(self, jobs: Iterable[Job]) -> None:
         """After a restart, take up the order where it was: replay who was served last into
@@ -64,15 +107,25 @@ class Scheduler:
             self.policy.pick([job], now)
         self.policy.swaps = 0
         self._pinned = [job for _, job in sorted(pinned, key=lambda t: t[0])]
+        for job in self._pinned:
+            self._waiting.discard(job)
+        self._waiting.rebuild()
 
     def wake(self) -> None:
         """Something was queued (or requeued)."""
         self._wakeup.set()
 
-    def done(self, job: Job) -> None:
-        """The worker finished with a dispatched job (any outcome)."""
-        self._dispatched.discard(job.id)
-        self.policy.forget(job.id)
+    def done(self, job: Job, *, requeue: bool = True) -> None:
+        """The worker finished with a dispatched job (any outcome). One still queued waits
+        for its turn again, unless ``requeue`` is False (its cancel is being recorded)."""
+        self._dispatched.pop(job.id, None)
+        self._waiting.forget(job.id)
+        if requeue and job.status is JobStatus.QUEUED:
+            self._waiting.add(job)
+
+    def unloaded(self) -> None:
+        """ComfyUI dropped its models (`FairPolicy.unloaded`)."""
+        self._waiting.unloaded()
 
     def pause(self) -> None:
         """Hand out no more jobs (shutdown)."""
@@ -88,11 +141,10 @@ class Scheduler:
                     pinned = self._pinned.pop(0)
                     if pinned.status is JobStatus.QUEUED and pinned.id not in self._dispatched:
                         return pinned  # already counted by the policy in `restore`
-            waiting = [j for j in self.store.queued() if j.id not in self._dispatched]
-            if waiting and not self._paused:
-                job = self.policy.pick(waiting, trio.current_time())
-                assert isinstance(job, Job)
-                return job
+                if self._waiting:
+                    job = self._waiting.pick(trio.current_time())
+                    assert isinstance(job, Job)
+                    return job
             self._wakeup = trio.Event()
             await self._wakeup.wait()
 
@@ -103,11 +155,13 @@ class Scheduler:
             task_status.started()
             async for reply in self.requests:
                 job = await self._next()
-                self._dispatched.add(job.id)
+                self._dispatched[job.id] = job
                 try:
                     reply.send_nowait(job)
                 except (trio.BrokenResourceError, trio.WouldBlock):
-                    self._dispatched.discard(job.id)
+                    self._dispatched.pop(job.id, None)
+                    if job.status is JobStatus.QUEUED:
+                        self._waiting.add(job)  # nobody took it: it waits again
                     continue
                 log.debug("dispatched job %s (%s) to the worker", job.id, job.model)
         raise RuntimeError("the scheduler's request channel closed")

@@ -92,12 +92,19 @@ class ComfyWorker:
         if job.generated is not None or job.status.finished:
             return False
         self._cancels[job.id] = by
-        if await self.store.cancel_queued(job, by):
-            log.info("job %s cancelled by %s before it started", job.id, by)
+        posted = job.submitted is not None
+        async with trio.open_nursery() as nursery:
+            if posted:
+                # Stopped on ComfyUI at once, not after the cancel's durable commit: the
+                # prompt posted ahead may start (and end) on ComfyUI meanwhile.
+                nursery.start_soon(self.stop_on_comfy, job.id)
+            if await self.store.cancel_queued(job, by):
+                log.info("job %s cancelled by %s before it started", job.id, by)
         scope = self._scopes.get(job.id)
         if scope is not None:
             scope.cancel()
-        await self.stop_on_comfy(job.id)
+        if not posted:
+            await self.stop_on_comfy(job.id)  # it may have been posted meanwhile
         if job.id not in self._held:  # nobody holds it any more to read the cancel
             self._cancels.pop(job.id, None)
         return True
@@ -127,9 +134,10 @@ class ComfyWorker:
     def _release(self, job: Job) -> None:
         """The worker is done with a job (any outcome, or handed to the post-processor)."""
         self._held.discard(job.id)
-        self._cancels.pop(job.id, None)
+        cancelling = self._cancels.pop(job.id, None) is not None
         self.running.discard(job.id)
-        self.scheduler.done(job)
+        # A job whose cancel is being recorded is not handed out again meanwhile.
+        self.scheduler.done(job, requeue=not cancelling)
 
     async def _fail(self, job: Job, error: str) -> None:
         if await self.store.update(job, status=JobStatus.FAILED, error=error, finished=time.time()):
@@ -173,7 +181,7 @@ class ComfyWorker:
         """Post the job's prompt; False when the job has ended (failed, or cancelled: after
         every wait the job's status is read again, and a cancelled job is not posted, or is
         taken back out of ComfyUI)."""
-        if job.status.finished:  # cancelled after it was dispatched
+        if job.status.finished or job.id in self._cancels:  # cancelled after its dispatch
             return False
         spec = self.config.models[job.model]
         try:
@@ -213,7 +221,9 @@ class ComfyWorker:
         except FategenError as exc:
             await self._fail(job, str(exc))
             return False
-        if job.ended():  # cancelled while it was being posted
+        # Cancelled while it was being posted: `_cancels` knows at once, the job's status
+        # only once the cancel's commit is durable (the prompt could run to its end meanwhile).
+        if job.ended() or job.id in self._cancels:
             await self.stop_on_comfy(job.id)
             self.session.forget(job.id)
             return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 import time
 import uuid
 from typing import Any
@@ -30,15 +31,39 @@ class JobStatus(enum.StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self in FINISHED_STATUSES
+
+
+#: The statuses a job never leaves.
+FINISHED_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+def _interned(text: str) -> str:
+    """One shared copy of a string many jobs hold (a nick, a model id, a key name): the HTTP
+    layer decodes a fresh copy for every request."""
+    return sys.intern(text)
+
+
+def _interned_or_none(text: str | None) -> str | None:
+    return None if text is None else sys.intern(text)
+
+
+def _request_interned(request: GenerationRequest) -> GenerationRequest:
+    """The request with its model id shared with every other job of that model."""
+    model = sys.intern(request.model)
+    return request if model is request.model else attrs.evolve(request, model=model)
 
 
 @attrs.define
 class Job:
+    """A job, owned by the store (readers get a `JobView`). A queued job is held in memory
+    for its whole life, so it is kept small: slots, and the strings many jobs share (nick,
+    model id, key name) interned."""
+
     id: str
-    nick: str
+    nick: str = attrs.field(converter=_interned)
     message: str
-    request: GenerationRequest
+    request: GenerationRequest = attrs.field(converter=_request_interned)
     seq: int = 0
     status: JobStatus = JobStatus.QUEUED
     created: float = attrs.field(factory=time.time)
@@ -65,7 +90,7 @@ class Job:
     first_started: float | None = None
     #: The name of the API key that submitted it (None with keys off). A nick belongs to
     #: its key: "alice" of one bot and "alice" of another are two users.
-    key_name: str | None = None
+    key_name: str | None = attrs.field(default=None, converter=_interned_or_none)
 
     @property
     def model(self) -> str:

@@ -1,8 +1,10 @@
 """Retention: finished jobs and their images are deleted once older than a configured age.
 
-`prune` does one pass (files first, in a worker thread, then rows); `Pruner.run` is the actor
-that calls it at start-up and then every ``every`` seconds. Queued and running jobs are never
-touched: only jobs whose status is finished and whose ``finished`` time is old enough.
+`prune` does one pass, `BATCH` jobs at a time: it asks SQLite for the expired ids (finished
+jobs are not all in memory), deletes their images in a worker thread, then their rows in one
+transaction. `Pruner.run` is the actor that calls it at start-up and then every ``every``
+seconds. Queued and running jobs are never touched: only jobs whose status is finished and
+whose ``finished`` time is old enough.
 """
 
 from __future__ import annotations
@@ -16,19 +18,12 @@ from typing import NoReturn
 import attrs
 import trio
 
-from fategen.store.jobs import Job, JobStore, result_path
+from fategen.store.jobs import JobStore, result_path
 
 log = logging.getLogger("fategen.retention")
 
-
-def expired(store: JobStore, *, max_age: float, now: float) -> list[Job]:
-    """Finished jobs that finished more than ``max_age`` seconds before ``now``."""
-    limit = now - max_age
-    return [
-        j
-        for j in store.all_jobs()
-        if j.status.finished and j.finished is not None and j.finished < limit
-    ]
+#: Jobs deleted per transaction (and image files per thread call).
+BATCH = 500
 
 
 def _delete_files(paths: list[Path]) -> None:
@@ -39,16 +34,30 @@ def _delete_files(paths: list[Path]) -> None:
             log.warning("could not delete %s: %s", path, exc.strerror)
 
 
-async def prune(store: JobStore, output_dir: Path, *, max_age: float, now: float) -> int:
-    """Delete the expired jobs' images (in a thread), then their rows; how many went."""
-    doomed = expired(store, max_age=max_age, now=now)
-    if not doomed:
-        return 0
-    await trio.to_thread.run_sync(_delete_files, [result_path(output_dir, j.id) for j in doomed])
-    # A job cannot come back to life, but check again after the thread: only finished ones go.
-    await store.delete([j for j in doomed if j.status.finished])
-    log.info("pruned %d finished job(s) older than %.0f hours", len(doomed), max_age / 3600)
-    return len(doomed)
+async def prune(
+    store: JobStore, output_dir: Path, *, max_age: float, now: float, batch: int = BATCH
+) -> int:
+    """Delete the jobs that finished more than ``max_age`` seconds before ``now``, ``batch``
+    at a time: images first (in a thread), then rows (one commit). Returns how many went.
+
+    An image is deleted before its row: a pass cut short leaves rows whose images are gone
+    (deleted by the next pass), never images no row points to."""
+    before = now - max_age
+    total = 0
+    while True:
+        doomed = await store.finished_before(before, batch)
+        if not doomed:
+            break
+        await trio.to_thread.run_sync(
+            _delete_files, [result_path(output_dir, job_id) for job_id in doomed]
+        )
+        await store.delete(doomed)
+        total += len(doomed)
+        if len(doomed) < batch:
+            break
+    if total:
+        log.info("pruned %d finished job(s) older than %.0f hours", total, max_age / 3600)
+    return total
 
 
 @attrs.define(eq=False)
