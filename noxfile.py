@@ -83,9 +83,11 @@ def soak(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """The benchmark suite against the ComfyUI simulator (3-5 minutes on 2 cores): prints a
-    table and writes bench/results.json. ``-- --only throughput`` runs one scenario;
-    ``-- --profile DIR`` also samples the service with py-spy (installed here)."""
+    """The benchmark suite against the ComfyUI simulator (about 7 minutes on 2 cores; ``--
+    --quick`` under 2): prints a table of ratios with their spread and targets, and writes
+    bench/results.json as each scenario ends. ``-- --only throughput`` runs one scenario;
+    ``-- --strict`` exits 1 on a missed target; ``-- --profile DIR`` also samples the service
+    with py-spy (installed here)."""
     session.install("-e", ".")
     if "--profile" in session.posargs:
         session.install("py-spy")
