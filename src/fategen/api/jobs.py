@@ -144,5 +144,6 @@ async def wait_job(job_id: str, query_args: WaitQuery) -> Response:
     # they answer a batch at a time, and share one body per state of the job.
     async with answers().turn:
         final = await desk.view(view.id)
-        assert final is not None
+        if final is None:  # removed by retention while it was waited on
+            raise Refused(f"job {view.id} is no longer kept (it finished too long ago)", 404)
         return await job_answer(final, 200 if final.status.finished else 202)
