@@ -203,6 +203,7 @@ class FairPolicy:
                 heapq.heappush(self._passed_since, (now, passed.id))
         self._pass_over(skipped, self._passed, now)
         self._passed.pop(job.id, None)
+        self.expiry()  # drops the entries of jobs no longer passed over (bounded memory)
         self._last_served[self._user_of(job)] = next(self._tick)
         checkpoint = self._checkpoint_of(job.model)
         if self.loaded_checkpoint is not None and checkpoint != self.loaded_checkpoint:
