@@ -133,3 +133,29 @@ async def open_stack(
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with open_stack(tmp_path) as s:
         yield s
+
+
+class ReadySession:
+    """What `fategen.queue.fleet.Backend` reads of a session, for scheduler tests without
+    ComfyUI: always connected, and checked."""
+
+    available = True
+    connections = 0
+    state = "up"
+    queue_remaining = None
+    last_error = None
+    label = "ComfyUI test"
+
+
+def ready_backend(name: str = "test", runnable: frozenset[str] | None = None) -> Any:
+    """A `Backend` that takes any job (or those of ``runnable`` models) at once."""
+    from fategen.comfy.watchdog import IdleWatchdog
+    from fategen.core.backends import BackendSpec
+    from fategen.queue.fleet import Backend
+
+    async def free(**_: Any) -> None:
+        pass
+
+    backend = Backend(BackendSpec(name, "http://127.0.0.1:1"), ReadySession(), IdleWatchdog(free))  # type: ignore[arg-type]
+    backend.runnable = runnable
+    return backend

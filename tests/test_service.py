@@ -310,7 +310,7 @@ async def test_startup_check_warns_about_missing_checkpoints(tmp_path: Path) -> 
     async with open_stack(tmp_path, knobs) as stack:
         service = stack.running.service
         with trio.fail_after(10):
-            await service.setup_checked.wait()
+            await service.wait_checked()
         assert len(service.setup_warnings) == 1
         assert "lumina2" in service.setup_warnings[0]
         assert "lumina_2.safetensors" in service.setup_warnings[0]
@@ -336,7 +336,7 @@ async def test_models_comfyui_cannot_run_are_marked_and_refused(tmp_path: Path) 
     async with open_stack(tmp_path, knobs) as stack:
         service = stack.running.service
         with trio.fail_after(20):
-            await service.setup_checked.wait()
+            await service.wait_checked()
             models = {m["id"]: m for m in (await stack.client.get("/models")).json()["models"]}
             assert models["lumina2"]["available"] is False
             assert "lumina_2.safetensors" in models["lumina2"]["unavailable_reason"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
+from fategen.core.backends import DEFAULT_BACKEND, BackendSpec
 from fategen.errors import ConfigError
-from fategen.settings import Settings
+from fategen.settings import KNOWN_VARIABLES, PREFIXES, Settings, describe_backends
 
 KEY_A = "a" * 16
 KEY_B = "b-0123456789abcdef"
@@ -44,6 +47,10 @@ def test_defaults() -> None:
     assert s.admin_keys == frozenset()
     assert s.public_url == ""
     assert s.comfyui_url == "http://127.0.0.1:8188"
+    assert s.comfyui_backends == ()
+    assert s.probe_interval == 1.0
+    assert s.probe_timeout == 1.0
+    assert s.max_losses == 3
 
 
 def test_defaults_have_the_declared_types() -> None:
@@ -59,6 +66,18 @@ EVERY_VARIABLE: list[tuple[str, str, str, Any]] = [
     ("COMFYUI_ADDRESS", " comfy.lan ", "comfyui_address", "comfy.lan"),
     ("COMFYUI_PORT", "8189", "comfyui_port", 8189),
     ("COMFYUI_FOLDER_PATH", "/srv/comfy/output", "comfyui_folder_path", Path("/srv/comfy/output")),
+    (
+        "COMFYUI_BACKENDS",
+        " gpu0=http://gpu0.lan:8188/ , gpu1=https://gpu1.lan:8443;token=abc123;slots=2 ,",
+        "comfyui_backends",
+        (
+            BackendSpec(name="gpu0", url="http://gpu0.lan:8188"),
+            BackendSpec(name="gpu1", url="https://gpu1.lan:8443", token="abc123", slots=2),
+        ),
+    ),
+    ("FATEGEN_PROBE_INTERVAL", "0.25", "probe_interval", 0.25),
+    ("FATEGEN_PROBE_TIMEOUT", "2", "probe_timeout", 2.0),
+    ("FATEGEN_MAX_LOSSES", "5", "max_losses", 5),
     ("LOG_LEVEL", " debug ", "log_level", "DEBUG"),
     ("FATEGEN_HOST", "0.0.0.0", "http_host", "0.0.0.0"),
     ("FATEGEN_PORT", "0", "http_port", 0),
@@ -192,6 +211,11 @@ BAD_VALUES = [
     ("FATEGEN_DATA_DIR", "  "),
     ("FATEGEN_WORKFLOWS_DIR", "wf\0x"),
     ("COMFYUI_FOLDER_PATH", "out\0put"),
+    ("FATEGEN_PROBE_INTERVAL", "0"),
+    ("FATEGEN_PROBE_TIMEOUT", "-1"),
+    ("FATEGEN_PROBE_TIMEOUT", "soon"),
+    ("FATEGEN_MAX_LOSSES", "0"),
+    ("FATEGEN_MAX_LOSSES", "101"),
 ]
 
 
@@ -325,3 +349,281 @@ def test_equal_and_hashable() -> None:
 def test_comfyui_url(address: str, url: str) -> None:
     s = Settings.from_env({"COMFYUI_ADDRESS": address, "COMFYUI_PORT": "7000"})
     assert s.comfyui_url == url
+
+
+# -- COMFYUI_BACKENDS ------------------------------------------------------------------
+
+SECRET = "s3cret-T0ken-value"
+HIDDEN = "hidden-Header-value"
+
+
+def test_backends_with_every_option(tmp_path: Path) -> None:
+    raw = (
+        f"gpu0=http://gpu0.lan:8188,"
+        f"gpu1=HTTPS://gpu1.lan:8443/comfy/;token={SECRET};header=X-Team:{HIDDEN}"
+        f";header=CF-Access-Client-Id:id.access;slots=4;folder={tmp_path}/out;"
+    )
+    s = Settings.from_env({"COMFYUI_BACKENDS": raw})
+    assert s.comfyui_backends == (
+        BackendSpec(name="gpu0", url="http://gpu0.lan:8188"),
+        BackendSpec(
+            name="gpu1",
+            url="https://gpu1.lan:8443/comfy",
+            token=SECRET,
+            headers=(("X-Team", HIDDEN), ("CF-Access-Client-Id", "id.access")),
+            slots=4,
+            folder_path=tmp_path / "out",
+        ),
+    )
+    assert s.backends == s.comfyui_backends
+    assert s.backends[1].request_headers() == {
+        "X-Team": HIDDEN,
+        "CF-Access-Client-Id": "id.access",
+        "Authorization": f"Bearer {SECRET}",
+    }
+    assert SECRET not in repr(s) and HIDDEN not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [
+        ("http://127.0.0.1:8188", "http://127.0.0.1:8188"),
+        ("http://comfy.lan", "http://comfy.lan"),
+        ("https://comfy.example.org/", "https://comfy.example.org"),
+        ("https://proxy.lan/gpu/0//", "https://proxy.lan/gpu/0"),
+        ("http://[::1]:8188", "http://[::1]:8188"),
+        ("http://[fd00::12:34]/comfy/", "http://[fd00::12:34]/comfy"),
+        ("http://comfy_1:65535", "http://comfy_1:65535"),
+    ],
+)
+def test_backend_urls(url: str, kept: str) -> None:
+    (spec,) = Settings.from_env({"COMFYUI_BACKENDS": f"a.b-c_9={url}"}).comfyui_backends
+    assert (spec.name, spec.url, spec.slots, spec.token) == ("a.b-c_9", kept, 1, None)
+
+
+ENTRY = 'COMFYUI_BACKENDS is invalid: entry 2 ("gpu1")'
+BAD_BACKENDS = [
+    ("gpu1=ftp://x", f'{ENTRY} has the URL "ftp://x" whose scheme is not http or https'),
+    (
+        "gpu1=gpu1.lan:8188",
+        f'{ENTRY} has the URL "gpu1.lan:8188" which does not start with http:// or https://',
+    ),
+    ("gpu1=", f"{ENTRY} has an empty URL"),
+    ("gpu1=http://", f'{ENTRY} has the URL "http://" with no host'),
+    ("gpu1=http://:8188", f'{ENTRY} has the URL "http://:8188" with no host'),
+    ("gpu1=http://a b", f"{ENTRY} has a URL with a space or control character in it"),
+    (
+        "gpu1=http://h:0",
+        f'{ENTRY} has the URL "http://h:0" whose port is not a number from 1 to 65535',
+    ),
+    (
+        "gpu1=http://h:65536",
+        f'{ENTRY} has the URL "http://h:65536" whose port is not a number from 1 to 65535',
+    ),
+    (
+        "gpu1=http://h:",
+        f'{ENTRY} has the URL "http://h:" whose port is not a number from 1 to 65535',
+    ),
+    (
+        "gpu1=http://h:http",
+        f'{ENTRY} has the URL "http://h:http" whose port is not a number from 1 to 65535',
+    ),
+    (
+        "gpu1=http://::1:8188",
+        f'{ENTRY} has the URL "http://::1:8188" whose IPv6 host is not in brackets ([::1])',
+    ),
+    (
+        "gpu1=http://[nope]:8188",
+        f'{ENTRY} has the URL "http://[nope]:8188" whose host is not an IPv6 address in brackets',
+    ),
+    (
+        "gpu1=http://[::1",
+        f'{ENTRY} has the URL "http://[::1" whose host is not an IPv6 address in brackets',
+    ),
+    (
+        "gpu1=http://h%2f:1",
+        f'{ENTRY} has the URL "http://h%2f:1" whose host is not a host name or IP address',
+    ),
+    (
+        f"gpu1=http://me:{SECRET}@h:8188",
+        f"{ENTRY} has a URL with a user name or password in it (use token= or header=)",
+    ),
+    (
+        f"gpu1=http://h/?key={SECRET}",
+        f"{ENTRY} has a URL with a query or fragment ('?' or '#'), which it cannot have",
+    ),
+    (
+        f"gpu1=http://h/#{SECRET}",
+        f"{ENTRY} has a URL with a query or fragment ('?' or '#'), which it cannot have",
+    ),
+    ("http://gpu1.lan", "COMFYUI_BACKENDS is invalid: entry 2 is not name=URL"),
+    ("=http://gpu1.lan", "COMFYUI_BACKENDS is invalid: entry 2 is not name=URL"),
+    (
+        "gpu 1=http://h",
+        'COMFYUI_BACKENDS is invalid: entry 2 ("gpu 1") has a name that is not '
+        "1 to 32 letters, digits, '.', '_' or '-'",
+    ),
+    (
+        "g" * 33 + "=http://h",
+        f'COMFYUI_BACKENDS is invalid: entry 2 ("{"g" * 33}") has a name '
+        "that is not 1 to 32 letters, digits, '.', '_' or '-'",
+    ),
+    (
+        "gpu0=http://other",
+        'COMFYUI_BACKENDS is invalid: entry 2 ("gpu0") has the same name as entry 1',
+    ),
+    (
+        f"gpu1=http://h;{SECRET}",
+        f'{ENTRY} has an option without "=" (expected token=, header=, slots= or folder=)',
+    ),
+    (
+        f"gpu1=http://h;tok={SECRET}",
+        f'{ENTRY} has the unknown option "tok=" (expected token=, header=, slots= or folder=)',
+    ),
+    (
+        f"gpu1=http://h;Bearer {SECRET}=x",
+        f"{ENTRY} has an option that is not token=, header=, slots= or folder=",
+    ),
+    (
+        "gpu1=http://h;token=",
+        f"{ENTRY} has a token= that is empty or not printable ASCII without spaces",
+    ),
+    (
+        f"gpu1=http://h;token=a {SECRET}",
+        f"{ENTRY} has a token= that is empty or not printable ASCII without spaces",
+    ),
+    (
+        f"gpu1=http://h;token={SECRET}\x07",
+        f"{ENTRY} has a token= that is empty or not printable ASCII without spaces",
+    ),
+    (f"gpu1=http://h;token={SECRET};token={SECRET}", f"{ENTRY} has token= twice"),
+    (
+        f"gpu1=http://h;header={SECRET}",
+        f"{ENTRY} has a header= that is not Name:Value with a valid header name",
+    ),
+    (
+        f"gpu1=http://h;header=X Key:{SECRET}",
+        f"{ENTRY} has a header= that is not Name:Value with a valid header name",
+    ),
+    (
+        "gpu1=http://h;header=X-Key:",
+        f'{ENTRY} has the header "X-Key" whose value is empty or not printable ASCII',
+    ),
+    (
+        f"gpu1=http://h;header=X-Key:{SECRET}\u00e9",
+        f'{ENTRY} has the header "X-Key" whose value is empty or not printable ASCII',
+    ),
+    (
+        f"gpu1=http://h;header=X-Key:{SECRET};header=x-key:{HIDDEN}",
+        f'{ENTRY} has the header "x-key" twice',
+    ),
+    (
+        f"gpu1=http://h;token={SECRET};header=Authorization:Basic {HIDDEN}",
+        f"{ENTRY} has both token= and an Authorization header=, which is one too many",
+    ),
+    ("gpu1=http://h;slots=0", f'{ENTRY} has slots="0", which is not a whole number from 1 to 16'),
+    ("gpu1=http://h;slots=17", f'{ENTRY} has slots="17", which is not a whole number from 1 to 16'),
+    (
+        "gpu1=http://h;slots=two",
+        f'{ENTRY} has slots="two", which is not a whole number from 1 to 16',
+    ),
+    (
+        "gpu1=http://h;slots=\u00b2",
+        f'{ENTRY} has slots="\u00b2", which is not a whole number from 1 to 16',
+    ),
+    ("gpu1=http://h;slots=1;slots=2", f"{ENTRY} has slots= twice"),
+    ("gpu1=http://h;folder=", f"{ENTRY} has a folder= that is empty or has a NUL byte in it"),
+    ("gpu1=http://h;folder=/a\0b", f"{ENTRY} has a folder= that is empty or has a NUL byte in it"),
+]
+
+
+@pytest.mark.parametrize(("second", "expected"), BAD_BACKENDS)
+def test_a_bad_backend_is_one_sentence_naming_the_entry_never_a_secret(
+    second: str, expected: str
+) -> None:
+    first = f"gpu0=http://gpu0.lan:8188;token={SECRET}0;header=X-Other:{HIDDEN}0"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"COMFYUI_BACKENDS": f"{first}, {second}"})
+    message = str(caught.value)
+    assert message == expected
+    _one_sentence(message)
+    assert SECRET not in message and HIDDEN not in message
+    assert caught.value.__cause__ is None
+
+
+def test_no_backends_is_a_fleet_of_one_from_address_and_port() -> None:
+    s = Settings.from_env(
+        {"COMFYUI_ADDRESS": "::1", "COMFYUI_PORT": "7000", "COMFYUI_FOLDER_PATH": "/srv/out"}
+    )
+    assert s.comfyui_backends == ()
+    assert s.backends == (
+        BackendSpec(name=DEFAULT_BACKEND, url="http://[::1]:7000", folder_path=Path("/srv/out")),
+    )
+    assert Settings.from_env({"COMFYUI_BACKENDS": " , "}).backends == Settings.from_env({}).backends
+
+
+def test_backends_win_over_address_and_port() -> None:
+    s = Settings.from_env(
+        {"COMFYUI_BACKENDS": "a=http://a.lan:1", "COMFYUI_ADDRESS": "b.lan", "COMFYUI_PORT": "2"}
+    )
+    assert s.backends == (BackendSpec(name="a", url="http://a.lan:1"),)
+
+
+def test_replace_passes_built_backends_through() -> None:
+    fleet = (
+        BackendSpec(name="sim0", url="http://127.0.0.1:4000"),
+        BackendSpec(name="sim1", url="http://127.0.0.1:4001", token=SECRET),
+    )
+    s = Settings.from_env({}).replace(comfyui_backends=fleet)
+    assert s.comfyui_backends == fleet
+    assert s.backends == fleet
+    assert s.replace(comfyui_backends=()).backends[0].name == DEFAULT_BACKEND
+
+
+def test_describe_backends_masks_the_secrets() -> None:
+    raw = (
+        "gpu0=http://gpu0.lan:8188,gpu1=https://gpu1.lan:8443;token=abc123;slots=1,"
+        f"gpu2=http://gpu2.lan;header=X-Key:{HIDDEN};slots=3;folder=/srv/out"
+    )
+    described = describe_backends(Settings.from_env({"COMFYUI_BACKENDS": raw}).comfyui_backends)
+    assert described == (
+        "gpu0=http://gpu0.lan:8188,gpu1=https://gpu1.lan:8443;token=***,"
+        "gpu2=http://gpu2.lan;header=X-Key:***;slots=3;folder=/srv/out"
+    )
+
+
+def test_fategen_settings_never_prints_a_backend_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fategen.cli import print_settings
+
+    for name in [n for n in os.environ if n.startswith(PREFIXES)]:
+        monkeypatch.delenv(name)
+    raw = f"gpu0=http://gpu0.lan:8188,gpu1=https://gpu1.lan:8443;token={SECRET};header=X:{HIDDEN}"
+    monkeypatch.setenv("COMFYUI_BACKENDS", raw)
+    assert print_settings(tmp_path / ".env", False) == 0
+    out = capsys.readouterr().out
+    assert (
+        "COMFYUI_BACKENDS=gpu0=http://gpu0.lan:8188,gpu1=https://gpu1.lan:8443;token=***;"
+        "header=X:***    # environment"
+    ) in out
+    assert "FATEGEN_PROBE_INTERVAL=1.0    # default" in out
+    assert "FATEGEN_MAX_LOSSES=3    # default" in out
+    assert SECRET not in out and HIDDEN not in out
+
+
+def test_the_scaffold_has_every_variable_and_explains_the_fleet() -> None:
+    from dotenv import dotenv_values
+
+    from fategen.scaffold import NOTES, example_env
+
+    text = example_env()
+    for name in KNOWN_VARIABLES:
+        assert f"\n# {name}=" in text, name
+    assert set(NOTES) <= KNOWN_VARIABLES
+    for name in ("COMFYUI_BACKENDS", "FATEGEN_PROBE_INTERVAL", "FATEGEN_PROBE_TIMEOUT"):
+        assert name in NOTES
+    # The example, uncommented, is a valid setting.
+    (example,) = [n for n in NOTES["COMFYUI_BACKENDS"] if n.startswith("COMFYUI_BACKENDS=")]
+    values = {k: v for k, v in dotenv_values(stream=io.StringIO(example)).items() if v}
+    assert [s.name for s in Settings.from_env(values).backends] == ["gpu0", "gpu1"]

@@ -1,5 +1,5 @@
-"""The command line: ``fategen serve`` runs the service (with ``--simulate``, beside a built-in
-ComfyUI simulator); ``fategen init`` writes a configuration to start from."""
+"""The command line: ``fategen serve`` runs the service (with ``--simulate [N]``, beside N
+built-in ComfyUI simulators); ``fategen init`` writes a configuration to start from."""
 
 from __future__ import annotations
 
@@ -8,17 +8,74 @@ import functools
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from fategen import __version__
+from fategen.core.backends import BackendSpec
 from fategen.errors import ConfigError
 from fategen.logs import configure_logging
-from fategen.settings import Settings
+from fategen.settings import Settings, describe_backends
+
+if TYPE_CHECKING:
+    from fategen.simulator import SimulatorKnobs
 
 log = logging.getLogger("fategen")
+
+#: ``--simulate N`` starts at most this many simulators.
+MAX_SIMULATORS = 8
+#: Simulator i runs at the base step/load seconds times ``SPEEDS[i % len(SPEEDS)]``.
+SPEEDS = (1.0, 1.0, 2.0, 0.5)
+
+
+def _simulator_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_SIMULATORS:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of simulators from 1 to {MAX_SIMULATORS}, got {text!r}"
+        )
+    return count
+
+
+def simulator_knobs(
+    count: int,
+    *,
+    step_seconds: float,
+    load_seconds: float,
+    checkpoints: Sequence[str] | None = None,
+) -> list[SimulatorKnobs]:
+    """The knobs of ``count`` simulators, unlike each other so that placement matters.
+
+    Simulator i is ``SPEEDS[i % 4]`` times as slow as the base ``step_seconds`` and
+    ``load_seconds`` (1, 1, 2, 0.5, 1, ...). Given ``checkpoints``, every simulator has exactly
+    those; otherwise simulator 0 has all of `DEFAULT_CHECKPOINTS` and simulator i >= 1 lacks
+    ``DEFAULT_CHECKPOINTS[(i - 1) % 4]``, so every checkpoint is on at least one simulator and,
+    with 3 or more, on at least two.
+    """
+    from fategen.simulator import DEFAULT_CHECKPOINTS, SimulatorKnobs
+
+    fleet = []
+    for i in range(count):
+        if checkpoints:
+            installed = list(checkpoints)
+        else:
+            lacking = DEFAULT_CHECKPOINTS[(i - 1) % len(DEFAULT_CHECKPOINTS)] if i else None
+            installed = [c for c in DEFAULT_CHECKPOINTS if c != lacking]
+        speed = SPEEDS[i % len(SPEEDS)]
+        fleet.append(
+            SimulatorKnobs(
+                step_seconds=step_seconds * speed,
+                model_load_seconds=load_seconds * speed,
+                checkpoints=installed,
+            )
+        )
+    return fleet
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (FATEGEN_PORT)")
     serve.add_argument(
         "--simulate",
-        action="store_true",
-        help="also run the built-in ComfyUI simulator and use it (no GPU needed)",
+        nargs="?",
+        const=1,
+        default=0,
+        type=_simulator_count,
+        metavar="N",
+        help="also run the built-in ComfyUI simulator and use it (no GPU needed); with N "
+        f"(2 to {MAX_SIMULATORS}), a fleet of N simulators of different speeds and "
+        "checkpoints, named sim0, sim1, ... (as COMFYUI_BACKENDS)",
     )
     serve.add_argument(
         "--simulate-step-seconds",
@@ -51,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0.01,
         metavar="S",
         help="with --simulate: seconds per sampler step (default: 0.01; try 0.5 to watch "
-        "progress and cancel a running job)",
+        "progress and cancel a running job); with N simulators, the base of their speeds",
     )
     serve.add_argument(
         "--simulate-load-seconds",
@@ -66,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="simulate_checkpoints",
         metavar="NAME",
         help="with --simulate: a checkpoint the simulator has (repeatable; default: the "
-        "shipped models' checkpoints)",
+        "shipped models' checkpoints); with N simulators, every one has exactly these",
     )
     serve.add_argument(
         "--env-file",
@@ -93,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def print_settings(dotenv: Path, required: bool) -> int:
     """Every setting: variable, value in force, and whether it came from the environment,
-    the settings file or the default. Keys are counted, never shown."""
+    the settings file or the default. Keys are counted, never shown; neither are the tokens
+    and header values of ``COMFYUI_BACKENDS``."""
     import os
 
     from dotenv import dotenv_values
@@ -123,6 +187,8 @@ def _value_of(settings: Settings, name: str, default: str) -> str:
             value = getattr(settings, field.name)
             if name.endswith("_KEYS"):
                 return f"<{len(value)} key(s)>"
+            if isinstance(value, tuple) and all(isinstance(v, BackendSpec) for v in value):
+                return describe_backends(value)
             if isinstance(value, frozenset):
                 return ",".join(sorted(value))
             return "" if value is None else str(value)
@@ -146,19 +212,46 @@ async def _watch_signals(shutdown: trio.Event) -> None:
             shutdown.set()
 
 
-async def serve(settings: Settings, *, simulate: bool, knobs: Any = None) -> None:
+async def _start_simulators(
+    nursery: trio.Nursery, settings: Settings, simulators: Sequence[SimulatorKnobs]
+) -> Settings:
+    """Start a simulator per knobs on 127.0.0.1 and return the settings that use them: one is
+    ``COMFYUI_ADDRESS``/``COMFYUI_PORT``, several are ``COMFYUI_BACKENDS`` ``sim0``, ``sim1``..."""
+    from fategen.simulator import Simulator
+
+    ports: list[int] = []
+    for knobs in simulators:
+        sim = Simulator(knobs)
+        ports.append(await nursery.start(functools.partial(sim.serve, host="127.0.0.1", port=0)))
+    settings = settings.replace(comfyui_address="127.0.0.1", comfyui_port=ports[0])
+    if len(simulators) == 1:
+        log.info("ComfyUI simulator running on 127.0.0.1:%d", ports[0])
+        return settings
+    for i, (knobs, port) in enumerate(zip(simulators, ports, strict=True)):
+        log.info(
+            "ComfyUI simulator sim%d running on 127.0.0.1:%d: %g s per step, %g s per load, "
+            "checkpoints %s",
+            i,
+            port,
+            knobs.step_seconds,
+            knobs.model_load_seconds,
+            ", ".join(knobs.checkpoints),
+        )
+    fleet = tuple(
+        BackendSpec(name=f"sim{i}", url=f"http://127.0.0.1:{port}") for i, port in enumerate(ports)
+    )
+    return settings.replace(comfyui_backends=fleet)
+
+
+async def serve(settings: Settings, *, simulators: Sequence[SimulatorKnobs] = ()) -> None:
+    """Run the service until SIGINT/SIGTERM, beside a simulator per ``simulators`` knobs."""
     from fategen.service import run_service
 
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, shutdown)
-        if simulate:
-            from fategen.simulator import Simulator
-
-            sim = Simulator(knobs)
-            sim_port = await nursery.start(functools.partial(sim.serve, host="127.0.0.1", port=0))
-            settings = settings.replace(comfyui_address="127.0.0.1", comfyui_port=sim_port)
-            log.info("ComfyUI simulator running on 127.0.0.1:%d", sim_port)
+        if simulators:
+            settings = await _start_simulators(nursery, settings, simulators)
         async with trio.open_nursery() as service:
             running = await service.start(run_service, settings, shutdown)
             print(
@@ -192,18 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fategen: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    knobs = None
+    simulators = []
     if args.simulate:
-        from fategen.simulator import SimulatorKnobs
-
-        knobs = SimulatorKnobs(
+        simulators = simulator_knobs(
+            args.simulate,
             step_seconds=args.simulate_step_seconds,
-            model_load_seconds=args.simulate_load_seconds,
+            load_seconds=args.simulate_load_seconds,
+            checkpoints=args.simulate_checkpoints,
         )
-        if args.simulate_checkpoints:
-            knobs.checkpoints = list(args.simulate_checkpoints)
     try:
-        trio.run(functools.partial(serve, settings, simulate=args.simulate, knobs=knobs))
+        trio.run(functools.partial(serve, settings, simulators=simulators))
     except BaseException as exc:
         leaves = _leaves(exc)
         config = [e for e in leaves if isinstance(e, ConfigError)]

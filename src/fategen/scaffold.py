@@ -21,13 +21,39 @@ def variables() -> list[tuple[str, str]]:
     return found
 
 
+#: Settings whose name and default do not say enough: explained above their line.
+NOTES: dict[str, tuple[str, ...]] = {
+    "COMFYUI_BACKENDS": (
+        "Several ComfyUI servers, comma-separated name=URL entries; each may add ;token=SECRET",
+        "(a bearer token), ;header=Name:Value (repeatable), ;slots=N (prompts at once, 1-16)",
+        "and ;folder=PATH (its output folder, if readable here). When set, it wins over",
+        "COMFYUI_ADDRESS/COMFYUI_PORT. For example:",
+        "COMFYUI_BACKENDS=gpu0=http://gpu0.lan:8188,gpu1=https://gpu1.lan:8443;token=SECRET",
+    ),
+    "FATEGEN_PROBE_INTERVAL": ("Seconds between two health probes of each ComfyUI server.",),
+    "FATEGEN_PROBE_TIMEOUT": ("Seconds a health probe may take before the server is down.",),
+    "FATEGEN_MAX_LOSSES": (
+        "A job lost by this many ComfyUI servers in a row (each went down while running it)",
+        "fails instead of being tried on another one (1-100).",
+    ),
+}
+
+
 def example_env() -> str:
     lines = [
         "# fategen settings. Uncomment and change what you need; the environment wins over",
         "# this file. Every setting is explained in the README's Configuration table.",
         "",
     ]
-    lines += [f"# {name}={default}" for name, default in variables()]
+    for name, default in variables():
+        notes = NOTES.get(name, ())
+        if notes:
+            if lines[-1] != "#":
+                lines.append("#")
+            lines += [f"# {note}" for note in notes]
+        lines.append(f"# {name}={default}")
+        if notes:
+            lines.append("#")
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,9 @@
 """The service: every actor in one nursery, started in dependency order, HTTP last.
 
-    bot --HTTP--> front end --submit--> store + scheduler --job--> worker --REST/WS--> ComfyUI
-                     ^ /job /wait            | job state          | image refs
+    bot --HTTP--> front end --submit--> store + scheduler --job--> worker/backend --> ComfyUI xN
+                     ^ /job /wait            | job state          | image refs   (REST/WS)
                      +------ store <---------+<--- post-processor <+ (grid, WebP)
-                          idle watchdog --(/free after idle)--> ComfyUI
+                          idle watchdog per backend --(/free after idle)--> ComfyUI
 
 `run_service` reports ready (through ``task_status``) only once every actor runs and the HTTP
 socket is bound. Setting the ``shutdown`` event stops it gracefully: new requests are refused,
@@ -12,6 +12,7 @@ long-polls are answered, the running job gets ``shutdown_grace`` seconds, then a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -31,15 +32,17 @@ from fategen.api.app import create_app
 from fategen.api.frontdesk import Frontdesk
 from fategen.api.server import install_connection_isolation, serve_http
 from fategen.comfy.session import ComfySession
-from fategen.comfy.watchdog import IdleWatchdog
+from fategen.comfy.watchdog import FreeFunction, IdleWatchdog
 from fategen.comfy.wire import ImageRef
 from fategen.core.availability import ModelAvailability
+from fategen.core.backends import DEFAULT_BACKEND, BackendSpec
 from fategen.core.modelconfig import ModelConfig, load_model_config
 from fategen.core.policy import FairPolicy
 from fategen.core.workflow import WorkflowTemplate, load_templates
-from fategen.errors import ConfigError, FategenError
-from fategen.queue.postprocess import PostProcessor, remove_partial_results
-from fategen.queue.scheduler import Scheduler, requeue_interrupted
+from fategen.errors import ConfigError
+from fategen.queue.fleet import Backend, Fleet, run_backend
+from fategen.queue.postprocess import Fetch, PostProcessor, remove_partial_results
+from fategen.queue.scheduler import Scheduler, WorkRequest, requeue_interrupted
 from fategen.queue.worker import ComfyWorker
 from fategen.settings import Settings
 from fategen.store.jobs import Job, JobStore
@@ -123,16 +126,20 @@ def _open_db(data_dir: Path) -> JobDB:
 def _check_comfyui_host(settings: Settings) -> None:
     """A ComfyUI host name that does not resolve is a mistake in the settings; one that
     resolves but does not answer is ComfyUI being down, which the service waits out."""
-    host = settings.comfyui_address.strip("[]")
-    try:
-        socket.getaddrinfo(host, settings.comfyui_port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        if exc.errno in (socket.EAI_AGAIN,):
-            log.warning("cannot resolve the ComfyUI host %r for now: %s", host, exc.strerror)
-            return
-        raise ConfigError(
-            f"the ComfyUI host {host!r} (COMFYUI_ADDRESS) does not resolve: {exc.strerror}"
-        ) from None
+    for spec in settings.backends:
+        parsed = httpx.URL(spec.url)
+        host = parsed.host.strip("[]")
+        variable = "COMFYUI_BACKENDS" if settings.comfyui_backends else "COMFYUI_ADDRESS"
+        try:
+            socket.getaddrinfo(host, parsed.port or 80, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno in (socket.EAI_AGAIN,):
+                log.warning("cannot resolve the ComfyUI host %r for now: %s", host, exc.strerror)
+                continue
+            what = f"the ComfyUI host {host!r}"
+            if settings.comfyui_backends:
+                what += f" of backend {spec.name!r}"
+            raise ConfigError(f"{what} ({variable}) does not resolve: {exc.strerror}") from None
 
 
 @attrs.define(eq=False)
@@ -142,23 +149,49 @@ class Service:
     settings: Settings
     store: JobStore
     policy: FairPolicy
-    session: ComfySession
+    fleet: Fleet
     scheduler: Scheduler
-    worker: ComfyWorker
     post: PostProcessor
-    watchdog: IdleWatchdog
     desk: Frontdesk
     app: QuartTrio
-    http: httpx.AsyncClient
+    clients: list[httpx.AsyncClient]
     db: JobDB
-    #: What the start-up check found missing on ComfyUI (one sentence each).
-    setup_warnings: list[str] = attrs.field(factory=list)
-    #: Set once the start-up check has run (or could not run).
-    setup_checked: trio.Event = attrs.field(factory=trio.Event)
-    #: Which models can run on ComfyUI (what the front desk and /models read).
-    availability: ModelAvailability = attrs.field(factory=ModelAvailability)
+    config: ModelConfig
+    templates: dict[str, WorkflowTemplate]
     #: Set once `run_actors` has returned (or failed).
     stopped: trio.Event = attrs.field(factory=trio.Event)
+
+    # -- the first backend's parts (a fleet of one: the only one) ----------------------------
+    @property
+    def backend(self) -> Backend:
+        return next(iter(self.fleet))
+
+    @property
+    def session(self) -> ComfySession:
+        return self.backend.session
+
+    @property
+    def worker(self) -> ComfyWorker:
+        return self.backend.workers[0]
+
+    @property
+    def watchdog(self) -> IdleWatchdog:
+        return self.backend.watchdog
+
+    @property
+    def availability(self) -> ModelAvailability:
+        """Which models can run on some backend (what the front desk and /models read)."""
+        return self.fleet.availability
+
+    @property
+    def setup_warnings(self) -> list[str]:
+        """What the backends' first checks found missing (one sentence each)."""
+        return [w for backend in self.fleet for w in backend.warnings]
+
+    async def wait_checked(self) -> None:
+        """Until every backend was checked once (or could not be)."""
+        for backend in self.fleet:
+            await backend.first_check.wait()
 
     async def run_actors(
         self, shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -166,31 +199,32 @@ class Service:
         """Run every actor but the HTTP server until ``shutdown`` is set, then stop gracefully.
 
         Reports ready once every actor runs. On shutdown: new jobs are refused, waiters are
-        answered, the running job gets ``shutdown_grace`` seconds, then everything stops.
+        answered, the running jobs get ``shutdown_grace`` seconds, then everything stops.
         """
         try:
-            async with self.http, trio.open_nursery() as nursery:
-                await self._recover()
-                await nursery.start(self.session.run)
-                await nursery.start(self.watchdog.run)
-                if self.store.active:
-                    self.watchdog.notify_busy()
-                await nursery.start(self.post.run)
-                await nursery.start(self.scheduler.run)
-                await nursery.start(self.worker.run)
-                if self.settings.retention_hours > 0:
-                    pruner = Pruner(
-                        self.store,
-                        self.settings.output_dir,
-                        max_age=self.settings.retention_hours * 3600,
-                        every=self.settings.prune_interval,
-                    )
-                    await nursery.start(pruner.run)
-                nursery.start_soon(self._check_setup)
-                task_status.started()
-                await shutdown.wait()
-                await self._stop()
-                nursery.cancel_scope.cancel()
+            async with contextlib.AsyncExitStack() as clients:
+                for client in self.clients:
+                    await clients.enter_async_context(client)
+                async with trio.open_nursery() as nursery:
+                    await self._recover()
+                    await nursery.start(self.post.run)
+                    await nursery.start(self.scheduler.run)
+                    for backend in self.fleet:
+                        await nursery.start(
+                            run_backend, backend, self.store, self.config, self.templates
+                        )
+                    if self.settings.retention_hours > 0:
+                        pruner = Pruner(
+                            self.store,
+                            self.settings.output_dir,
+                            max_age=self.settings.retention_hours * 3600,
+                            every=self.settings.prune_interval,
+                        )
+                        await nursery.start(pruner.run)
+                    task_status.started()
+                    await shutdown.wait()
+                    await self._stop()
+                    nursery.cancel_scope.cancel()
         finally:
             self.db.close()
             self.stopped.set()
@@ -209,48 +243,17 @@ class Service:
         # The turns need each nick's last served job: finished ones are read from disk (one
         # per nick), not all held in memory.
         self.scheduler.restore([*self.store.active_jobs(), *await self.store.last_served()])
-        # The same WebSocket client id as before a restart: ComfyUI sends the events of the
-        # prompts posted before it to that id, so they can be followed to their end.
-        client_id = await self.db.run(self.db.get_meta, "comfyui_client_id")
-        if client_id is None:
-            client_id = self.session.client_id
-            await self.db.run(self.db.set_meta, "comfyui_client_id", client_id)
-        self.session.client_id = client_id
-
-    async def _check_setup(self) -> None:
-        """Each time ComfyUI connects: what it lacks of the configuration. The first time,
-        warn about each thing; every time, mark the models that cannot run there."""
-        templates = self.worker.templates
-        config = self.worker.config
-        node_classes = {
-            name: {node["class_type"] for node in t.graph.values()} for name, t in templates.items()
-        }
-        checkpoints = {m: spec.checkpoint_name for m, spec in config.models.items()}
-        templates_of = {m: spec.workflow for m, spec in config.models.items()}
-        first = True
-        while True:
-            await self.session.wait_available()
-            try:
-                found = await self.session.inspect(node_classes, checkpoints, templates_of)
-            except FategenError as exc:
-                log.warning("could not check ComfyUI's nodes and checkpoints: %s", exc)
-            else:
-                changed = found.unavailable != self.availability.reasons
-                self.availability.reasons = found.unavailable
-                if first:
-                    self.setup_warnings = found.warnings
-                    for warning in found.warnings:
-                        log.warning("%s", warning)
-                elif changed:
-                    log.info(
-                        "ComfyUI reconnected; models it cannot run: %s",
-                        ", ".join(sorted(found.unavailable)) or "none",
-                    )
-            finally:
-                first = False
-                self.setup_checked.set()
-            while self.session.available:
-                await self.session.wait_availability_change()
+        # The same WebSocket client id as before a restart, per backend: ComfyUI sends the
+        # events of the prompts posted before it to that id, so they can be followed.
+        for backend in self.fleet:
+            key = "comfyui_client_id"
+            if len(self.fleet) > 1 or backend.name != DEFAULT_BACKEND:
+                key += f":{backend.name}"
+            client_id = await self.db.run(self.db.get_meta, key)
+            if client_id is None:
+                client_id = backend.session.client_id
+                await self.db.run(self.db.set_meta, key, client_id)
+            backend.session.client_id = client_id
 
     def begin_stop(self) -> None:
         """Refuse new jobs and answer every long-poll now (idempotent)."""
@@ -263,14 +266,14 @@ class Service:
         self.begin_stop()
         grace = self.settings.shutdown_grace
         with trio.move_on_after(grace) as scope:
-            while self.worker.running or self.post.busy:
+            while self.fleet.running or self.post.busy:
                 await self.store.wait_any_change()
         if scope.cancelled_caught:
             log.warning(
                 "the running job did not finish within %.0f s; it will run again after the restart",
                 grace,
             )
-        await self.worker.withdraw_submitted()
+        await self.fleet.withdraw_submitted()
 
 
 def build_service(settings: Settings) -> Service:
@@ -290,71 +293,111 @@ def build_service(settings: Settings) -> Service:
         checkpoint_of=lambda m: config.models[m].checkpoint_name if m in config.models else m,
         user_of=lambda job: cast(Job, job).user,
     )
-    requests_tx, requests_rx = trio.open_memory_channel[trio.MemorySendChannel[Job]](0)
+    requests_tx, requests_rx = trio.open_memory_channel[WorkRequest](0)
     results_tx, results_rx = trio.open_memory_channel[tuple[Job, list[ImageRef]]](4)
-    http = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
-        timeout=httpx.Timeout(30.0, connect=settings.connect_timeout),
-    )
-    session = ComfySession(
-        settings.comfyui_url,
-        http=http,
-        folder_path=settings.comfyui_folder_path,
-        connect_timeout=settings.connect_timeout,
-        stall_timeout=settings.stall_timeout,
-        job_timeout=settings.job_timeout,
-        call_timeout=settings.comfyui_call_timeout,
-        max_response_bytes=settings.comfyui_max_response_mib * 2**20,
-    )
-    scheduler = Scheduler(store, policy, requests_rx)
-    worker = ComfyWorker(store, scheduler, session, config, templates, requests_tx, results_tx)
+    clients: list[httpx.AsyncClient] = []
+    backends: dict[str, Backend] = {}
+
+    def unloader(name: str) -> FreeFunction:
+        async def free(*, unload_models: bool = True, free_memory: bool = False) -> None:
+            await backends[name].session.free(unload_models=unload_models, free_memory=free_memory)
+            scheduler.unloaded(backends[name])  # defined below, before any watchdog runs
+
+        return free
+
+    for spec in settings.backends:
+        http = _client_for(settings, spec)
+        clients.append(http)
+        session = ComfySession(
+            spec.url,
+            http=http,
+            folder_path=spec.folder_path,
+            connect_timeout=settings.connect_timeout,
+            stall_timeout=settings.stall_timeout,
+            job_timeout=settings.job_timeout,
+            call_timeout=settings.comfyui_call_timeout,
+            max_response_bytes=settings.comfyui_max_response_mib * 2**20,
+            name=spec.name,
+            headers=spec.request_headers(),
+            probe_interval=settings.probe_interval,
+            probe_timeout=settings.probe_timeout,
+        )
+        watchdog = IdleWatchdog(
+            unloader(spec.name),
+            unload_after=settings.idle_unload_seconds,
+            free_memory_after=settings.idle_free_memory_seconds,
+        )
+        backends[spec.name] = Backend(spec, session, watchdog)
+    fleet = Fleet(backends, store)
+    scheduler = Scheduler(store, policy, requests_rx, fleet)
+    for backend in fleet:
+        for _ in range(backend.spec.slots):
+            backend.workers.append(
+                ComfyWorker(
+                    store,
+                    scheduler,
+                    backend.session,
+                    config,
+                    templates,
+                    requests_tx.clone(),
+                    results_tx.clone(),
+                    backend,
+                    fleet,
+                    max_losses=settings.max_losses,
+                )
+            )
+    requests_tx.close()
+    results_tx.close()
+    first = next(iter(fleet))
+
+    def fetch_for(job: Job) -> Fetch:
+        """A job's images come from the backend that ran it."""
+        return fleet.backends.get(job.backend or "", first).session.fetch_images
+
     post = PostProcessor(
         store,
-        session.fetch_images,
+        first.session.fetch_images,
         settings.output_dir,
         results_rx,
         settings.webp_quality,
         job_timeout=settings.job_timeout,
+        fetch_for=fetch_for,
     )
-
-    async def free(*, unload_models: bool = True, free_memory: bool = False) -> None:
-        await session.free(unload_models=unload_models, free_memory=free_memory)
-        scheduler.unloaded()
-
-    watchdog = IdleWatchdog(
-        free,
-        unload_after=settings.idle_unload_seconds,
-        free_memory_after=settings.idle_free_memory_seconds,
-    )
-    store.on_activity = lambda active: watchdog.notify_busy() if active else watchdog.notify_idle()
-    availability = ModelAvailability()
     desk = Frontdesk(
         store,
         scheduler,
         config,
         templates,
-        canceller=worker,
-        health=session,
+        canceller=fleet,
+        health=fleet,
         max_queue=settings.max_queue,
         max_queue_per_user=settings.max_queue_per_user,
         idempotency_ttl=settings.idempotency_hours * 3600,
-        availability=availability,
+        availability=fleet.availability,
     )
-    app = create_app(desk, settings, settings.comfyui_url)
+    app = create_app(desk, settings, first.spec.url)
     return Service(
         settings,
         store,
         policy,
-        session,
+        fleet,
         scheduler,
-        worker,
         post,
-        watchdog,
         desk,
         app,
-        http,
+        clients,
         db,
-        availability=availability,
+        config,
+        templates,
+    )
+
+
+def _client_for(settings: Settings, spec: BackendSpec) -> httpx.AsyncClient:
+    """The REST client of one backend: its headers (token) on every call."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
+        timeout=httpx.Timeout(30.0, connect=settings.connect_timeout),
+        headers=spec.request_headers(),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 import environ
 
+from fategen.core.backends import DEFAULT_BACKEND, BackendSpec
 from fategen.errors import ConfigError
 
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -153,6 +155,173 @@ def _keys(name: str) -> Callable[[Any], frozenset[str]]:
     return convert
 
 
+# -- COMFYUI_BACKENDS ---------------------------------------------------------------------
+
+_BACKEND_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+#: An HTTP header name (RFC 9110 ``token``).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: An unknown option's key is repeated in the error only when it looks like one (short
+#: letters), not like a secret typed in the wrong place.
+_OPTION_KEY = re.compile(r"[A-Za-z]{1,12}")
+_SLOTS = re.compile(r"[0-9]{1,2}")
+_OPTIONS = "token=, header=, slots= or folder="
+_MAX_SLOTS = 16
+
+
+class _Invalid(Exception):
+    """What is wrong with one entry of ``COMFYUI_BACKENDS``: the end of the sentence."""
+
+
+def _unprintable(text: str) -> bool:
+    return any(c.isspace() or not c.isprintable() for c in text)
+
+
+def _header_safe(text: str) -> bool:
+    """Printable ASCII (spaces allowed): what an HTTP header value can carry."""
+    return bool(text) and text.isascii() and text.isprintable()
+
+
+def _backend_url(text: str) -> str:
+    """``http(s)://host[:port][/prefix]`` without its trailing slash, or `_Invalid`."""
+    if not text:
+        raise _Invalid("has an empty URL")
+    if _unprintable(text):
+        raise _Invalid("has a URL with a space or control character in it")
+    # A query or user info may hold a secret: these two are named, never echoed.
+    if "?" in text or "#" in text:
+        raise _Invalid("has a URL with a query or fragment ('?' or '#'), which it cannot have")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        raise _Invalid(f'has the URL "{text}" which does not start with http:// or https://')
+    if scheme.lower() not in ("http", "https"):
+        raise _Invalid(f'has the URL "{text}" whose scheme is not http or https')
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        raise _Invalid("has a URL with a user name or password in it (use token= or header=)")
+    if netloc.startswith("["):
+        host, bracket, port = netloc[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            bracket = ""
+        if not bracket:
+            raise _Invalid(f'has the URL "{text}" whose host is not an IPv6 address in brackets')
+    else:
+        if netloc.count(":") > 1:
+            raise _Invalid(f'has the URL "{text}" whose IPv6 host is not in brackets ([::1])')
+        host, colon, port = netloc.partition(":")
+        if not host:
+            raise _Invalid(f'has the URL "{text}" with no host')
+        if not _HOST_NAME.fullmatch(host):
+            raise _Invalid(f'has the URL "{text}" whose host is not a host name or IP address')
+        port = colon + port
+    if port and not (
+        port.startswith(":") and _PORT.fullmatch(port[1:]) and 1 <= int(port[1:]) <= 65535
+    ):
+        raise _Invalid(f'has the URL "{text}" whose port is not a number from 1 to 65535')
+    return f"{scheme.lower()}://{netloc}{(slash + path).rstrip('/')}"
+
+
+def _backend(name: str, url: str, options: list[str]) -> BackendSpec:
+    """One entry's `BackendSpec`, or `_Invalid` (which never repeats a token or header value)."""
+    url = _backend_url(url.strip())
+    given: dict[str, str] = {}
+    headers: list[tuple[str, str]] = []
+    for option in options:
+        key, eq, value = option.partition("=")
+        key = key.strip().lower()
+        if not eq:
+            raise _Invalid(f'has an option without "=" (expected {_OPTIONS})')
+        if key == "header":
+            header, colon, content = value.partition(":")
+            header, content = header.strip(), content.strip()
+            if not colon or not _HEADER_NAME.fullmatch(header):
+                raise _Invalid("has a header= that is not Name:Value with a valid header name")
+            if not _header_safe(content):
+                raise _Invalid(
+                    f'has the header "{header}" whose value is empty or not printable ASCII'
+                )
+            if header.lower() in (h.lower() for h, _ in headers):
+                raise _Invalid(f'has the header "{header}" twice')
+            headers.append((header, content))
+        elif key in ("token", "slots", "folder"):
+            if key in given:
+                raise _Invalid(f"has {key}= twice")
+            given[key] = value.strip()
+        elif _OPTION_KEY.fullmatch(key):
+            raise _Invalid(f'has the unknown option "{key}=" (expected {_OPTIONS})')
+        else:
+            raise _Invalid(f"has an option that is not {_OPTIONS}")
+    token = given.get("token")
+    if token is not None and (not _header_safe(token) or " " in token):
+        raise _Invalid("has a token= that is empty or not printable ASCII without spaces")
+    if token is not None and any(h.lower() == "authorization" for h, _ in headers):
+        raise _Invalid("has both token= and an Authorization header=, which is one too many")
+    slots = given.get("slots", "1")
+    if not (_SLOTS.fullmatch(slots) and 1 <= int(slots) <= _MAX_SLOTS):
+        raise _Invalid(f'has slots="{slots}", which is not a whole number from 1 to {_MAX_SLOTS}')
+    folder = given.get("folder")
+    if folder is not None and (not folder or "\0" in folder):
+        raise _Invalid("has a folder= that is empty or has a NUL byte in it")
+    return BackendSpec(
+        name=name,
+        url=url,
+        token=token,
+        headers=tuple(headers),
+        slots=int(slots),
+        folder_path=None if folder is None else Path(folder).expanduser(),
+    )
+
+
+def _backends(variable: str) -> Callable[[Any], tuple[BackendSpec, ...]]:
+    """Comma-separated ``name=URL[;option...]`` entries (see `Settings.comfyui_backends`)."""
+
+    def convert(value: Any) -> tuple[BackendSpec, ...]:
+        if isinstance(value, tuple):
+            return value  # already built (Settings.replace)
+        entries = [e.strip() for e in str(value).split(",") if e.strip()]
+        specs: list[BackendSpec] = []
+        for number, entry in enumerate(entries, start=1):
+            head, *options = entry.split(";")
+            name, eq, url = head.partition("=")
+            name = name.strip()
+            label = f'entry {number} ("{name}")' if eq and name else f"entry {number}"
+            try:
+                if not eq or not name:
+                    raise _Invalid("is not name=URL")
+                if not _BACKEND_NAME.fullmatch(name):
+                    raise _Invalid(
+                        "has a name that is not 1 to 32 letters, digits, '.', '_' or '-'"
+                    )
+                same = [n for n, spec in enumerate(specs, start=1) if spec.name == name]
+                if same:
+                    raise _Invalid(f"has the same name as entry {same[0]}")
+                specs.append(_backend(name, url, [o for o in options if o.strip()]))
+            except _Invalid as why:
+                raise ConfigError(f"{variable} is invalid: {label} {why}") from None
+        return tuple(specs)
+
+    return convert
+
+
+def describe_backends(backends: tuple[BackendSpec, ...]) -> str:
+    """``COMFYUI_BACKENDS`` as it would be written, with tokens and header values masked."""
+    entries = []
+    for spec in backends:
+        parts = [f"{spec.name}={spec.url}"]
+        if spec.token:
+            parts.append("token=***")
+        parts += [f"header={header}:***" for header, _ in spec.headers]
+        if spec.slots != 1:
+            parts.append(f"slots={spec.slots}")
+        if spec.folder_path is not None:
+            parts.append(f"folder={spec.folder_path}")
+        entries.append(";".join(parts))
+    return ",".join(entries)
+
+
 #: Every variable a setting reads (filled in by `_v` as the class below is defined).
 KNOWN_VARIABLES: set[str] = set()
 #: Variables with these prefixes are fategen's: one that is not known is a typo.
@@ -191,6 +360,15 @@ class Settings:
     #: ComfyUI's output folder, when fategen runs on the same file system (read images directly).
     comfyui_folder_path: Path | None = _v(
         "COMFYUI_FOLDER_PATH", "", _path("COMFYUI_FOLDER_PATH", optional=True)
+    )
+    #: Several ComfyUI servers: comma-separated ``name=URL`` entries, each optionally followed
+    #: by ``;token=SECRET`` (sent as a bearer token), ``;header=Name:Value`` (repeatable),
+    #: ``;slots=N`` (prompts run on it at once, 1 to 16; default 1) and ``;folder=PATH`` (its
+    #: output folder, when readable here). When set it wins over ``COMFYUI_ADDRESS``/
+    #: ``COMFYUI_PORT``/``COMFYUI_FOLDER_PATH`` (setting both is not an error); empty = the one
+    #: server those name. Use `backends`, which gives the fleet either way.
+    comfyui_backends: tuple[BackendSpec, ...] = _v(
+        "COMFYUI_BACKENDS", "", _backends("COMFYUI_BACKENDS")
     )
     log_level: str = _v("LOG_LEVEL", "INFO", _log_level)
     #: ``text`` (one line per event) or ``json`` (one JSON object per line).
@@ -255,6 +433,13 @@ class Settings:
         128,
         _integer("FATEGEN_COMFYUI_MAX_RESPONSE_MIB", low=1),
     )
+    #: Seconds between two health probes of each ComfyUI server.
+    probe_interval: float = _v("FATEGEN_PROBE_INTERVAL", 1.0, _seconds("FATEGEN_PROBE_INTERVAL"))
+    #: Seconds a health probe may take before the server counts as down.
+    probe_timeout: float = _v("FATEGEN_PROBE_TIMEOUT", 1.0, _seconds("FATEGEN_PROBE_TIMEOUT"))
+    #: A job lost by this many ComfyUI servers in a row (each went down while running it) fails
+    #: instead of being tried on another one.
+    max_losses: int = _v("FATEGEN_MAX_LOSSES", 3, _integer("FATEGEN_MAX_LOSSES", low=1, high=100))
     max_queue_per_user: int = _v(
         "FATEGEN_MAX_QUEUE_PER_USER", 10, _integer("FATEGEN_MAX_QUEUE_PER_USER", low=1)
     )
@@ -294,6 +479,18 @@ class Settings:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"http://{host}:{self.comfyui_port}"
+
+    @property
+    def backends(self) -> tuple[BackendSpec, ...]:
+        """The ComfyUI servers to drive: ``COMFYUI_BACKENDS``, or else a fleet of one made of
+        ``COMFYUI_ADDRESS``/``COMFYUI_PORT``/``COMFYUI_FOLDER_PATH``."""
+        if self.comfyui_backends:
+            return self.comfyui_backends
+        return (
+            BackendSpec(
+                name=DEFAULT_BACKEND, url=self.comfyui_url, folder_path=self.comfyui_folder_path
+            ),
+        )
 
     @classmethod
     def from_env(

@@ -85,6 +85,7 @@ async def test_cancel_during_post_processing_is_409_and_leaks_nothing(tmp_path: 
             return await real_fetch(refs)  # type: ignore[arg-type]
 
         post.fetch = slow_fetch  # holds the job in post-processing
+        post.fetch_for = None  # a fleet of one: the one backend's fetch is `post.fetch`
         with trio.fail_after(30):
             job_id = (await stack.submit(f"post {TINY} -c 2"))["job_id"]
             await entered.wait()

@@ -11,9 +11,10 @@ import pytest
 import trio
 import trio.testing
 
+from conftest import ready_backend
 from fategen.core.policy import FairPolicy
 from fategen.core.prompt import GenerationRequest
-from fategen.queue.scheduler import Scheduler
+from fategen.queue.scheduler import Scheduler, WorkRequest
 from fategen.store.jobs import Job, JobStatus, JobStore
 from fategen.store.sqlite import JobDB
 
@@ -22,9 +23,12 @@ REQUEST = GenerationRequest(
 )
 
 
-def expected_positions(store: JobStore, scheduler: Scheduler, queued: list[Job]) -> list[int]:
-    """Jobs handed to the worker first (by seq), then the policy's full replay of the rest."""
-    ahead = sorted((j for j in queued if scheduler.is_dispatched(j.id)), key=lambda j: j.seq)
+def expected_positions(
+    store: JobStore, scheduler: Scheduler, queued: list[Job], dispatched: list[Job]
+) -> list[int]:
+    """Jobs handed to the worker first (in the order handed), then the policy's full replay
+    of the rest."""
+    ahead = [j for j in dispatched if j in queued]
     waiting = [j for j in queued if not scheduler.is_dispatched(j.id)]
     order = ahead + list(scheduler.policy.order(waiting, trio.current_time()))
     ids = [j.id for j in order]
@@ -38,8 +42,9 @@ async def test_positions_equal_the_full_replay_after_random_changes(
     rng = random.Random(seed)
     store = JobStore(JobDB(None))
     policy = FairPolicy(max_passes=rng.choice([0, 2, 3]), max_delay=rng.choice([5.0, 120.0]))
-    requests_tx, requests_rx = trio.open_memory_channel[trio.MemorySendChannel[Job]](0)
+    requests_tx, requests_rx = trio.open_memory_channel[WorkRequest](0)
     scheduler = Scheduler(store, policy, requests_rx)
+    backend = ready_backend()
     models = ["X"] if seed % 4 == 0 else ["X", "Y", "Z"]
     dispatched: list[Job] = []  # handed to the worker, not started
     processing: list[Job] = []
@@ -62,7 +67,7 @@ async def test_positions_equal_the_full_replay_after_random_changes(
                 scheduler.wake()
             elif action < 0.55 and waiting and len(dispatched) < 2:
                 reply_tx, reply_rx = trio.open_memory_channel[Job](1)
-                await requests_tx.send(reply_tx)
+                await requests_tx.send(WorkRequest(backend, reply_tx))
                 dispatched.append(await reply_rx.receive())
             elif action < 0.65 and dispatched:
                 job = dispatched.pop(0)
@@ -84,13 +89,15 @@ async def test_positions_equal_the_full_replay_after_random_changes(
                     dispatched.remove(job)
                     scheduler.done(job)
             elif action < 0.93:
-                scheduler.unloaded()
+                scheduler.unloaded(backend)
             else:
                 await trio.sleep(rng.choice([1.0, 6.0]))  # passes run out of max_delay
             queued = [j for j in submitted if j.status is JobStatus.QUEUED]
             assert sorted(j.id for j in store.queued()) == sorted(j.id for j in queued)
             # Asked in a random order: the lazy replay must not depend on who asks first.
             by_id = {j.id: store.queue_position(j) for j in rng.sample(queued, len(queued))}
-            assert [by_id[j.id] for j in queued] == expected_positions(store, scheduler, queued)
+            assert [by_id[j.id] for j in queued] == expected_positions(
+                store, scheduler, queued, dispatched
+            )
             assert sorted(by_id.values()) == list(range(1, len(queued) + 1))
         nursery.cancel_scope.cancel()

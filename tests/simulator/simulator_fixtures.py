@@ -129,10 +129,16 @@ class Recorder:
 
 @asynccontextmanager
 async def recorder(
-    url: str, first_frames: list[dict[str, Any]] | None = None
+    url: str,
+    first_frames: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> AsyncIterator[Recorder]:
-    """Open a websocket, send ``first_frames``, record; waits for the server's first status."""
-    async with trio_websocket.open_websocket_url(url, max_message_size=MAX_MESSAGE_SIZE) as ws:
+    """Open a websocket (with ``headers``), send ``first_frames``, record; waits for the
+    server's first status."""
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    async with trio_websocket.open_websocket_url(
+        url, extra_headers=extra, max_message_size=MAX_MESSAGE_SIZE
+    ) as ws:
         for frame in first_frames or []:
             await ws.send_message(json.dumps(frame))
         rec = Recorder(ws)

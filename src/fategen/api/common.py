@@ -102,4 +102,5 @@ def job_response(view: JobView) -> JobResponse:
         finished=iso(view.finished),
         cancelled_by=view.cancelled_by,
         key=view.key_name,
+        backend=view.backend,
     )

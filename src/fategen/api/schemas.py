@@ -104,6 +104,10 @@ class JobResponse:
     key: Annotated[
         str | None, _d("The name of the API key that submitted it (null with keys off).")
     ] = None
+    backend: Annotated[
+        str | None,
+        _d("The ComfyUI backend it was last sent to (see /backends); null before that.", "gpu0"),
+    ] = None
 
 
 @attrs.frozen

@@ -23,6 +23,8 @@ async def inspect(
     node_classes: Mapping[str, set[str]],
     checkpoints: Mapping[str, str],
     templates_of: Mapping[str, str] | None = None,
+    *,
+    where: str = "ComfyUI",
 ) -> Inventory:
     """Compare ComfyUI's ``/object_info`` and checkpoint list with the configuration.
 
@@ -30,6 +32,7 @@ async def inspect(
         node_classes: workflow template name -> the node class types it uses.
         checkpoints: model id -> checkpoint file name.
         templates_of: model id -> its template (for the models a missing node type stops).
+        where: how the sentences name this ComfyUI (``ComfyUI gpu1`` in a fleet).
 
     Raises:
         ComfyUnavailable: ComfyUI cannot be reached.
@@ -43,7 +46,7 @@ async def inspect(
         for class_type in missing_nodes[template]:
             warnings.append(
                 f'workflow template "{template}" uses node type "{class_type}", which '
-                f"ComfyUI does not have (a custom node may be missing)"
+                f"{where} does not have (a custom node may be missing)"
             )
     installed = await rest.checkpoints()
     if installed is None:  # older ComfyUI: read the loader's choices
@@ -55,13 +58,13 @@ async def inspect(
     for model_id in sorted(checkpoints):
         name = checkpoints[model_id]
         if name not in installed:
-            warnings.append(f'model "{model_id}": checkpoint "{name}" is not installed on ComfyUI')
-            unavailable[model_id] = f'its checkpoint "{name}" is not installed on ComfyUI'
+            warnings.append(f'model "{model_id}": checkpoint "{name}" is not installed on {where}')
+            unavailable[model_id] = f'its checkpoint "{name}" is not installed on {where}'
             continue
         workflow = (templates_of or {}).get(model_id)
         if workflow is not None and missing_nodes.get(workflow):
             unavailable[model_id] = (
-                f'ComfyUI lacks the node type "{missing_nodes[workflow][0]}" its workflow uses'
+                f'{where} lacks the node type "{missing_nodes[workflow][0]}" its workflow uses'
             )
     return Inventory(warnings, unavailable)
 

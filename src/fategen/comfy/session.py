@@ -1,8 +1,13 @@
 """fategen's link to ComfyUI: one WebSocket, one client id, REST calls, per-prompt trackers.
 
 ``ComfySession.run`` is the actor that keeps the WebSocket to ``/ws?clientId=ID`` connected
-(capped exponential back-off while ComfyUI is down) and routes each text message by
-``prompt_id`` to the tracker of that prompt. Binary frames (previews) are ignored.
+and routes each text message by ``prompt_id`` to the tracker of that prompt. Binary frames
+(previews) are ignored. While connected it pings every ``probe_interval`` seconds; a ping not
+answered within ``probe_timeout`` drops the connection. A lost connection is tried again at
+once and then every ``backoff_max`` seconds (1 s by default, so a ComfyUI that comes back is
+used within about a second); one not back within ``down_after`` seconds makes the session
+``down``: a prompt being followed is then given up as lost (`ComfyUnavailable`), so a fleet
+can run it elsewhere.
 
 A job is ``submit`` (``POST /prompt`` with a client-chosen ``prompt_id``), ``follow`` (the
 WebSocket events until ``executing`` with ``node: null``; the outputs are those of the
@@ -31,7 +36,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import attrs
 import httpx
@@ -52,6 +57,7 @@ from fategen.comfy.wire import (
     parse_message,
     select_images,
 )
+from fategen.core.backends import DEFAULT_BACKEND
 from fategen.errors import ComfyError, ComfyUnavailable, JobTimeout
 
 __all__ = ["ComfySession", "ImageRef", "SessionStatistics"]
@@ -68,6 +74,16 @@ _CLEANUP_SECONDS = 5.0
 
 def _seconds(value: float) -> str:
     return f"{value:g} s"
+
+
+#: ``connecting``: not connected yet since the start; ``up``: connected; ``reconnecting``:
+#: the connection was lost less than ``down_after`` seconds ago; ``down``: lost for longer,
+#: or the first connection failed.
+SessionState = Literal["connecting", "up", "reconnecting", "down"]
+
+
+class _ProbeFailed(Exception):
+    pass
 
 
 @attrs.frozen
@@ -95,6 +111,11 @@ class ComfySession:
             prompt waits in ComfyUI's queue, any message from ComfyUI counts as an event.
         job_timeout: seconds a prompt may take from :meth:`follow` to its end.
         backoff_initial, backoff_max: reconnection delays (doubling, capped).
+        name: the backend's name, in log lines and errors.
+        headers: sent with the WebSocket handshake (REST headers are the httpx client's).
+        probe_interval, probe_timeout: seconds between pings, and for each answer.
+        down_after: seconds a lost connection may take to come back before the session is
+            ``down`` (default: ``probe_timeout``).
         call_timeout: seconds any one REST call may take in all, its body included.
         max_response_bytes: the largest REST answer taken (an image, ``/history``, ...).
     """
@@ -108,11 +129,22 @@ class ComfySession:
         connect_timeout: float = 10,
         stall_timeout: float = 120,
         job_timeout: float = 900,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 1.0,
         call_timeout: float = CALL_TIMEOUT,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        name: str = DEFAULT_BACKEND,
+        headers: Mapping[str, str] | None = None,
+        probe_interval: float = 1.0,
+        probe_timeout: float = 1.0,
+        down_after: float | None = None,
     ) -> None:
+        self.name = name
+        self.headers = dict(headers or {})
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.down_after = probe_timeout if down_after is None else down_after
+        self._state: SessionState = "connecting"
         self.base_url = base_url.rstrip("/")
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=30)
@@ -163,6 +195,33 @@ class ComfySession:
         """True while the WebSocket is connected."""
         return self._available
 
+    @property
+    def label(self) -> str:
+        """How errors name this ComfyUI: by its name when it is one of a fleet."""
+        return "ComfyUI" if self.name == DEFAULT_BACKEND else f"ComfyUI {self.name}"
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def connections(self) -> int:
+        """How many times the WebSocket connected (a change means a reconnect)."""
+        return self._connection
+
+    def _set_state(self, state: SessionState) -> None:
+        if state == self._state:
+            return
+        self._state = state
+        self._available_changed.set()
+        self._available_changed = trio.Event()
+        for tracker in self._trackers.values():
+            tracker.notify()
+
+    async def wait_state_change(self) -> None:
+        """Return once the state (or availability) changes."""
+        await self._available_changed.wait()
+
     async def wait_available(self) -> None:
         """Return once the WebSocket is connected (at once if it is)."""
         while not self._available:
@@ -186,6 +245,10 @@ class ComfySession:
         if not available:
             for tracker in self._trackers.values():
                 tracker.notify()
+        if available:
+            self._set_state("up")
+        elif self._state == "up":
+            self._set_state("reconnecting")
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -193,11 +256,32 @@ class ComfySession:
         """Keep the WebSocket connected and route its messages, forever.
 
         Starts at once (``task_status.started()`` before the first connection), so the service
-        runs while ComfyUI is down; ``available`` and ``last_error`` tell how it goes. A failed
-        connection is retried after ``backoff_initial`` seconds, doubling up to ``backoff_max``.
+        runs while ComfyUI is down; ``available``, `state` and ``last_error`` tell how it goes.
+        A lost connection is tried again at once, then after ``backoff_initial`` seconds,
+        doubling up to ``backoff_max``; `state` turns ``down`` when it is not back within
+        ``down_after`` seconds (or when the first connection fails).
         """
-        task_status.started()
-        delay = self.backoff_initial
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_down)
+            task_status.started()
+            await self._connect_forever()
+
+    async def _watch_down(self) -> NoReturn:
+        """``reconnecting`` turns ``down`` after ``down_after`` seconds without a connection."""
+        while True:
+            while self._state != "reconnecting":
+                await self._available_changed.wait()
+            with trio.move_on_after(self.down_after):
+                while self._state == "reconnecting":
+                    await self._available_changed.wait()
+            if self._state == "reconnecting":
+                log.warning(
+                    "ComfyUI %s is down: not back within %s", self.name, _seconds(self.down_after)
+                )
+                self._set_state("down")
+
+    async def _connect_forever(self) -> NoReturn:
+        delay = 0.0  # a lost connection is tried again at once
         while True:
             try:
                 async with trio_websocket.open_websocket_url(
@@ -205,33 +289,53 @@ class ComfySession:
                     max_message_size=MAX_MESSAGE_SIZE,
                     connect_timeout=self.connect_timeout,
                     disconnect_timeout=1,
+                    extra_headers=[(k.encode(), v.encode()) for k, v in self.headers.items()]
+                    or None,
                 ) as ws:
                     self._connection += 1
                     self.last_error = None
                     self._set_available(True)
-                    delay = self.backoff_initial
-                    log.info("connected to ComfyUI at %s", self.base_url)
+                    delay = 0.0
+                    log.info("connected to ComfyUI %s at %s", self.name, self.base_url)
                     await self._read(ws)
+            except _ProbeFailed:
+                self._note_failure(f"no answer to a ping within {_seconds(self.probe_timeout)}")
             except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError) as exc:
-                reason = _describe(exc)
-                if self._available:
-                    log.warning("lost the connection to ComfyUI at %s: %s", self.base_url, reason)
-                    self.last_error = f"lost the connection to ComfyUI at {self.base_url}: {reason}"
-                else:
-                    if self.last_error is None:
-                        log.warning("ComfyUI at %s is unavailable: %s", self.base_url, reason)
-                    self.last_error = f"cannot connect to ComfyUI at {self.base_url}: {reason}"
+                self._note_failure(_describe(exc))
             except Exception as exc:  # the link must outlive surprises; they are logged
                 log.exception("the WebSocket to ComfyUI at %s failed", self.base_url)
                 self.last_error = f"the connection to ComfyUI at {self.base_url} failed: {exc!r}"
             finally:
                 self._set_available(False)
+                if self._state == "connecting":
+                    self._set_state("down")
             await trio.sleep(delay)
-            delay = min(delay * 2, self.backoff_max)
+            delay = self.backoff_initial if delay == 0 else min(delay * 2, self.backoff_max)
 
-    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+    def _note_failure(self, reason: str) -> None:
+        if self._available:
+            log.warning("lost the connection to ComfyUI at %s: %s", self.base_url, reason)
+            self.last_error = f"lost the connection to ComfyUI at {self.base_url}: {reason}"
+        else:
+            if self.last_error is None:
+                log.warning("ComfyUI at %s is unavailable: %s", self.base_url, reason)
+            self.last_error = f"cannot connect to ComfyUI at {self.base_url}: {reason}"
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection) -> NoReturn:
+        """Route messages; after ``probe_interval`` seconds of silence, ping (trio-websocket
+        reads the pong in its own task), and no pong within ``probe_timeout`` is a lost link."""
+        probe_at = trio.current_time() + self.probe_interval
         while True:
-            frame = await ws.get_message()
+            with trio.move_on_at(probe_at) as quiet:
+                frame = await ws.get_message()
+            if quiet.cancelled_caught:
+                with trio.move_on_after(self.probe_timeout) as late:
+                    await ws.ping()
+                if late.cancelled_caught:
+                    raise _ProbeFailed
+                probe_at = trio.current_time() + self.probe_interval
+                continue
+            probe_at = trio.current_time() + self.probe_interval
             if isinstance(frame, bytes):
                 continue
             message = parse_message(frame)
@@ -264,10 +368,14 @@ class ComfySession:
         if self._trackers.get(tracker.prompt_id) is tracker:
             del self._trackers[tracker.prompt_id]
 
-    async def submit(self, workflow: Mapping[str, Any], *, prompt_id: str) -> None:
+    async def submit(
+        self, workflow: Mapping[str, Any], *, prompt_id: str, fail_when_down: bool = False
+    ) -> None:
         """Queue ``workflow`` on ComfyUI as ``prompt_id`` (a lowercase hyphenated UUID).
 
-        Waits until the WebSocket is connected (wrap it in ``trio.fail_after`` to bound that).
+        Waits until the WebSocket is connected (wrap it in ``trio.fail_after`` to bound that);
+        with ``fail_when_down``, raises `ComfyUnavailable` instead while the session is
+        ``down`` (a fleet places the job elsewhere).
         The prompt is tracked from before the POST, so no message is missed; call
         :meth:`follow` next.
 
@@ -276,7 +384,10 @@ class ComfySession:
                 or answered 5xx.
             ComfyUnavailable: ComfyUI cannot be reached.
         """
-        await self.wait_available()
+        while not self._available:
+            if fail_when_down and self._state == "down":
+                raise ComfyUnavailable(f"{self.label} is down")
+            await self._available_changed.wait()
         tracker = self._track(prompt_id, workflow)
         try:
             await self.rest.post_prompt(workflow, client_id=self.client_id, prompt_id=prompt_id)
@@ -361,12 +472,10 @@ class ComfySession:
     async def _reconcile(self, tracker: Tracker) -> list[ImageRef] | None:
         """After a reconnect: is the prompt done (images), still queued (None), or lost?"""
         with trio.move_on_after(self.stall_timeout) as scope:
-            await self.wait_available()
-        if scope.cancelled_caught:
-            raise ComfyUnavailable(
-                f"ComfyUI went away during the job and was not back within "
-                f"{_seconds(self.stall_timeout)}"
-            )
+            while not self._available and self._state != "down":
+                await self._available_changed.wait()
+        if self._state == "down" or scope.cancelled_caught:
+            raise ComfyUnavailable(f"{self.label} went away during the job")
         connection = self._connection
         pid = tracker.prompt_id
         tracker.complete = False  # messages may have been missed: /history tells the outputs
@@ -502,7 +611,9 @@ class ComfySession:
         templates_of: Mapping[str, str],
     ) -> inventory.Inventory:
         """What ComfyUI lacks of the configuration (see `fategen.comfy.inventory.inspect`)."""
-        return await inventory.inspect(self.rest, node_classes, checkpoints, templates_of)
+        return await inventory.inspect(
+            self.rest, node_classes, checkpoints, templates_of, where=self.label
+        )
 
     async def wait_availability_change(self) -> None:
         """Return once the WebSocket connects or disconnects."""

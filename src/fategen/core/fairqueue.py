@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sortedcontainers import SortedKeyList, SortedList
 
@@ -249,13 +249,51 @@ class FairQueue:
         Raises:
             ValueError: nothing is waiting.
         """
-        if not self._jobs:
+        job = self.pick_for(now, loaded=self.policy.loaded_checkpoint)
+        if job is None:
             raise ValueError("no queued job to pick")
+        return job
+
+    def pick_for(
+        self,
+        now: float,
+        *,
+        loaded: str | None,
+        can_run: Callable[[Queued], bool] | None = None,
+        elsewhere: frozenset[str] = frozenset(),
+    ) -> Queued | None:
+        """The pick for one backend of a fleet: among the jobs it ``can_run``, the fair
+        choice with affinity to its ``loaded`` checkpoint; failing that, a job for a
+        checkpoint no other working backend has loaded (``elsewhere``) may jump ahead, within
+        the same bounds, so a second backend loads a checkpoint only when nothing else
+        waits. None when it can run nothing that waits.
+
+        Cost: as `pick`, plus, with ``can_run``, the jobs it cannot run that come first in
+        the fair order (walked past, not passed over).
+        """
+        if not self._jobs:
+            return None
         policy = self.policy
-        loaded = policy.loaded_checkpoint
+
+        def turns() -> Iterator[Queued]:
+            fair = self._turns()
+            return fair if can_run is None else (j for j in fair if can_run(j))
+
+        if can_run is not None and next(turns(), None) is None:
+            return None
         if loaded is not None and not self._checkpoints[loaded]:
             loaded = None  # nothing to prefer: skip the scan, the fair head runs
-        job, skipped = policy._choose(self._turns(), loaded, policy._passed, now)
+        job, skipped = policy._choose(turns(), loaded, policy._passed, now)
+        if (
+            not skipped
+            and elsewhere
+            and policy.checkpoint_of(job) in elsewhere
+            and policy.checkpoint_of(job) != loaded
+            and any(c not in elsewhere for c in self._checkpoints)
+        ):
+            job, skipped = policy._choose(
+                turns(), None, policy._passed, now, wanted=lambda c: c not in elsewhere
+            )
         predicted = self._replayed(now)
         policy.served(job, skipped, now)
         del self._jobs[job.id]

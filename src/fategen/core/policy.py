@@ -124,22 +124,25 @@ class FairPolicy:
         loaded: str | None,
         passed: dict[str, tuple[int, float]],
         now: float,
+        wanted: Callable[[str], bool] | None = None,
     ) -> tuple[Queued, list[Queued]]:
         """The job to run next (from the fair order ``fair``) and the jobs it passes over.
 
         The loaded checkpoint's first job may jump ahead only if none of the jobs it passes
-        over (not just the head) has used up its passes or its delay.
+        over (not just the head) has used up its passes or its delay. ``wanted`` replaces
+        "the checkpoint is ``loaded``" as what may jump ahead (a fleet's backend prefers
+        checkpoints no other backend has loaded), with the same bounds.
         """
         head = next(fair)
-        if (
-            loaded is None
-            or self._checkpoint_of(head.model) == loaded
-            or self._exhausted(head, passed, now)
-        ):
+        if wanted is None:
+            if loaded is None:
+                return head, []
+            wanted = loaded.__eq__
+        if wanted(self._checkpoint_of(head.model)) or self._exhausted(head, passed, now):
             return head, []
         skipped = [head]
         for job in fair:
-            if self._checkpoint_of(job.model) == loaded:
+            if wanted(self._checkpoint_of(job.model)):
                 return job, skipped
             if self._exhausted(job, passed, now):
                 break

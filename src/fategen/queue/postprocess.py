@@ -44,10 +44,14 @@ CONCURRENT_JOBS = 4
 RENDER_LIMITER = trio.CapacityLimiter(max(2, min(CONCURRENT_JOBS, os.cpu_count() or 1)))
 
 
+Fetch = Callable[[Sequence[ImageRef]], Awaitable[list[bytes]]]
+
+
 @attrs.define(eq=False)
 class PostProcessor:
     store: JobStore
-    fetch: Callable[[Sequence[ImageRef]], Awaitable[list[bytes]]]
+    #: Fetches a job's images (from the backend that ran it: ``fetch_for`` when set).
+    fetch: Fetch
     output_dir: Path
     results: trio.MemoryReceiveChannel[tuple[Job, list[ImageRef]]]
     quality: int = 90
@@ -55,6 +59,8 @@ class PostProcessor:
     job_timeout: float | None = None
     #: Jobs post-processed at once.
     concurrency: int = CONCURRENT_JOBS
+    #: The fetch for a job's images, by the backend that ran it (a fleet); else ``fetch``.
+    fetch_for: Callable[[Job], Fetch] | None = None
     #: The jobs being post-processed now (taken from the channel, not yet recorded).
     in_flight: set[str] = attrs.field(factory=set, init=False)
 
@@ -138,11 +144,12 @@ class PostProcessor:
             log.info("job %s failed: %s", job.id, error, extra=job.log_fields("failed"))
 
     async def _fetch_in_time(self, job: Job, refs: Sequence[ImageRef]) -> list[bytes]:
+        fetch = self.fetch if self.fetch_for is None else self.fetch_for(job)
         if self.job_timeout is None:
-            return await self.fetch(refs)
+            return await fetch(refs)
         spent = time.time() - (job.started or time.time())
         with trio.move_on_after(max(self.job_timeout - spent, 0.0)):
-            return await self.fetch(refs)
+            return await fetch(refs)
         raise FategenError(
             f"the job ran longer than {self.job_timeout:g} s (its images could not be "
             "fetched from ComfyUI in time), so it was stopped"

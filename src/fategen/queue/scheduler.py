@@ -1,18 +1,27 @@
-"""The scheduler actor: hands the comfy worker the next job, in the policy's order.
+"""The scheduler actor: hands each backend's workers their next job, in the policy's order.
 
-The worker asks for work by sending a reply channel; the scheduler answers as soon as a job is
-queued, choosing at that moment (so a job that arrived while ComfyUI was busy still gets its
-fair turn). Submissions and cancels of queued jobs go through the store and `wake`.
+A worker asks for work by sending a `WorkRequest` (its backend and a reply channel); the
+scheduler holds the requests and answers each as soon as a job its backend can run is queued,
+choosing at that moment (so a job that arrived while ComfyUI was busy still gets its fair
+turn). Requests of backends with nothing to do are answered before those filling a prompt
+ahead. Submissions and cancels of queued jobs go through the store and `wake`; changes of the
+fleet (a backend up, down, checked, drained) wake it too.
 
 The scheduler is the store's queue index (`fategen.store.jobs.QueueIndex`): the store tells
 it each job that becomes queued or stops being queued, and it answers queue positions. The
-order is: jobs handed to the worker but not started yet, then (after a restart) the jobs
-posted to ComfyUI before it, then the waiting jobs in the policy's order, kept by a
-`FairQueue` (see there for the costs).
+order is: jobs handed to workers but not started yet, then the jobs at the front (lost by a
+backend that went away, or posted to ComfyUI before a restart: they keep their places, and a
+job posted to one backend waits for it unless it is gone), then the waiting jobs in the
+policy's order, kept by a `FairQueue` (see there for the costs). Users take turns across the
+whole fleet: one policy, one set of turns; each backend prefers its loaded checkpoint.
+
+With several backends a queue position counts the jobs handed out before it; several run at
+once, so place N on K backends starts after about N/K prompts.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from typing import Any, NoReturn, cast
@@ -22,75 +31,95 @@ import trio
 
 from fategen.core.fairqueue import FairQueue
 from fategen.core.policy import FairPolicy
+from fategen.queue.fleet import Backend, Fleet
 from fategen.store.jobs import Job, JobStatus, JobStore
 
 log = logging.getLogger("fategen.scheduler")
+
+
+@attrs.frozen(eq=False)
+class WorkRequest:
+    """A worker of ``backend`` asks for its next job, to be sent on ``reply``."""
+
+    backend: Backend
+    reply: trio.MemorySendChannel[Job]
 
 
 @attrs.define(eq=False)
 class Scheduler:
     store: JobStore
     policy: FairPolicy
-    requests: trio.MemoryReceiveChannel[trio.MemorySendChannel[Job]]
-    #: Jobs handed to the worker that have not started on ComfyUI's side yet.
+    requests: trio.MemoryReceiveChannel[WorkRequest]
+    #: The backends (none given: a bare scheduler whose requests' backends are not tracked).
+    fleet: Fleet = attrs.field(
+        default=attrs.Factory(lambda self: Fleet({}, self.store), takes_self=True)
+    )
+    #: Jobs handed to a worker that have not started on ComfyUI's side yet.
     _dispatched: dict[str, Job] = attrs.field(factory=dict, init=False)
-    #: After a restart: jobs that were posted to ComfyUI before it, in posting order. They may
-    #: still be in ComfyUI's queue, so they are handed out first.
-    _pinned: list[Job] = attrs.field(factory=list, init=False)
+    #: Jobs handed out first, in the order they were first handed out: lost by a backend
+    #: (it died or went away), or posted to ComfyUI before a restart.
+    _front: list[Job] = attrs.field(factory=list, init=False)
+    #: Job id -> when it was first handed out (a tick): the order of `_front`.
+    _handed: dict[str, int] = attrs.field(factory=dict, init=False)
+    _tick: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _pending: list[WorkRequest] = attrs.field(factory=list, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _paused: bool = attrs.field(default=False, init=False)
-    #: The queued jobs neither dispatched nor pinned, in the policy's order.
+    #: The queued jobs neither dispatched nor at the front, in the policy's order.
     _waiting: FairQueue = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._waiting = FairQueue(self.policy)
         self.store.use_index(self)
+        self.fleet.on_change.append(self.wake)
 
     # -- the store's queue index -----------------------------------------------------------
     def add(self, job: Job) -> None:
         """The job became queued (submitted or queued again)."""
-        if job.id not in self._dispatched and all(p.id != job.id for p in self._pinned):
+        if job.id not in self._dispatched and all(p.id != job.id for p in self._front):
             self._waiting.add(job)
 
     def discard(self, job: Job) -> None:
         """The job is no longer queued (started, cancelled, deleted)."""
         self._waiting.discard(job)
+        self._handed.pop(job.id, None)
 
     def _ahead(self) -> list[Job]:
-        """Dispatched jobs not started yet (at most the worker's prompts ahead: O(1))."""
+        """Dispatched jobs not started yet (at most each worker's prompt ahead: O(workers))."""
         return sorted(
             (j for j in self._dispatched.values() if j.status is JobStatus.QUEUED),
-            key=lambda j: j.seq,
+            key=lambda j: self._handed.get(j.id, 0),
         )
 
-    def _pinned_waiting(self) -> list[Job]:
+    def _front_waiting(self) -> list[Job]:
+        """The front's queued jobs (those lost at once: O(backends) in practice)."""
         return [
-            j for j in self._pinned if j.status is JobStatus.QUEUED and j.id not in self._dispatched
+            j for j in self._front if j.status is JobStatus.QUEUED and j.id not in self._dispatched
         ]
 
     def position(self, job: Job) -> int | None:
-        """The job's place: O(1) for jobs ahead, else the `FairQueue`'s cost."""
+        """The job's place: O(workers) for jobs ahead, else the `FairQueue`'s cost."""
         if job.status is not JobStatus.QUEUED:
             return None
         ahead = self._ahead()
         for place, other in enumerate(ahead, start=1):
             if other.id == job.id:
                 return place
-        pinned = self._pinned_waiting()
-        for place, other in enumerate(pinned, start=len(ahead) + 1):
+        front = self._front_waiting()
+        for place, other in enumerate(front, start=len(ahead) + 1):
             if other.id == job.id:
                 return place
         waiting = self._waiting.position(job, trio.current_time())
-        return None if waiting is None else len(ahead) + len(pinned) + waiting
+        return None if waiting is None else len(ahead) + len(front) + waiting
 
     def ordered(self) -> list[Job]:
         waiting = cast(list[Job], self._waiting.order(trio.current_time()))
-        return self._ahead() + self._pinned_waiting() + waiting
+        return self._ahead() + self._front_waiting() + waiting
 
     def restore(self, jobs: Iterable[Job]) -> None:
         """After a restart, take up the order where it was: replay who was served last into
-        the policy (turns and loaded checkpoint), and pin the jobs already posted to ComfyUI
-        first, in posting order."""
+        the policy (turns and loaded checkpoint), and put the jobs already posted to ComfyUI
+        at the front, in posting order (each waits for the backend it was posted to)."""
         served: dict[str, tuple[float, Job]] = {}
         pinned: list[tuple[float, Job]] = []
         for job in jobs:
@@ -106,26 +135,41 @@ class Scheduler:
         for _, job in history:
             self.policy.pick([job], now)
         self.policy.swaps = 0
-        self._pinned = [job for _, job in sorted(pinned, key=lambda t: t[0])]
-        for job in self._pinned:
+        self._front = [job for _, job in sorted(pinned, key=lambda t: t[0])]
+        for job in self._front:
+            self._handed[job.id] = next(self._tick)
             self._waiting.discard(job)
         self._waiting.rebuild()
 
     def wake(self) -> None:
-        """Something was queued (or requeued)."""
+        """Something was queued (or requeued), or the fleet changed."""
         self._wakeup.set()
 
     def done(self, job: Job, *, requeue: bool = True) -> None:
-        """The worker finished with a dispatched job (any outcome). One still queued waits
+        """A worker finished with a dispatched job (any outcome). One still queued waits
         for its turn again, unless ``requeue`` is False (its cancel is being recorded)."""
         self._dispatched.pop(job.id, None)
         self._waiting.forget(job.id)
         if requeue and job.status is JobStatus.QUEUED:
             self._waiting.add(job)
+        self.wake()
 
-    def unloaded(self) -> None:
-        """ComfyUI dropped its models (`FairPolicy.unloaded`)."""
-        self._waiting.unloaded()
+    def lost(self, job: Job) -> None:
+        """A worker gave back a dispatched job its backend lost (or never ran): it goes to
+        the front, keeping its place (it was served its turn already)."""
+        self._dispatched.pop(job.id, None)
+        self._waiting.discard(job)
+        if job.status is JobStatus.QUEUED and all(p.id != job.id for p in self._front):
+            self._handed.setdefault(job.id, next(self._tick))
+            self._front.append(job)
+            self._front.sort(key=lambda j: self._handed[j.id])
+        self.wake()
+
+    def unloaded(self, backend: Backend) -> None:
+        """The backend dropped its models (`FairPolicy.unloaded` for a fleet of one)."""
+        backend.loaded = None
+        if len(self.fleet) <= 1:
+            self._waiting.unloaded()
 
     def pause(self) -> None:
         """Hand out no more jobs (shutdown)."""
@@ -134,37 +178,80 @@ class Scheduler:
     def is_dispatched(self, job_id: str) -> bool:
         return job_id in self._dispatched
 
-    async def _next(self) -> Job:
-        while True:
-            if not self._paused:
-                while self._pinned:
-                    pinned = self._pinned.pop(0)
-                    if pinned.status is JobStatus.QUEUED and pinned.id not in self._dispatched:
-                        return pinned  # already counted by the policy in `restore`
-                if self._waiting:
-                    job = self._waiting.pick(trio.current_time())
-                    assert isinstance(job, Job)
-                    return job
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
+    # -- placement ---------------------------------------------------------------------------
+    def _from_front(self, backend: Backend) -> Job | None:
+        """The first job at the front this backend may take: one it can run, posted here or
+        to a backend that is gone (down or drained), or never posted."""
+        for index, job in enumerate(self._front):
+            if job.status is not JobStatus.QUEUED or job.id in self._dispatched:
+                continue
+            if not backend.can_run(job):
+                continue
+            home = self.fleet.home(job)
+            if home is not None and home is not backend and not home.gone:
+                continue  # its backend may still run it (it is coming back): it waits
+            del self._front[index]
+            return job
+        return None
+
+    def _choose(self, backend: Backend) -> Job | None:
+        self._front = [j for j in self._front if j.status is JobStatus.QUEUED]
+        job = self._from_front(backend)
+        if job is not None:
+            return job
+        if not self._waiting:
+            return None
+        one = len(self.fleet) <= 1
+        picked = self._waiting.pick_for(
+            trio.current_time(),
+            loaded=backend.loaded if not one else self.policy.loaded_checkpoint,
+            can_run=None if backend.runnable is None else backend.can_run,  # type: ignore[arg-type]
+            elsewhere=frozenset() if one else self.fleet.loaded_elsewhere(backend),
+        )
+        if picked is None:
+            return None
+        assert isinstance(picked, Job)
+        self._handed[picked.id] = next(self._tick)
+        return picked
+
+    def _serve(self) -> None:
+        """Answer every request that can be answered now: backends with nothing to do first."""
+        if self._paused or not self._pending:
+            return
+        pending = sorted(self._pending, key=lambda r: r.backend.busy())
+        self._pending = []
+        for request in pending:
+            backend = request.backend
+            job = self._choose(backend) if backend.accepting else None
+            if job is None:
+                self._pending.append(request)
+                continue
+            self._dispatched[job.id] = job
+            try:
+                request.reply.send_nowait(job)
+            except (trio.BrokenResourceError, trio.WouldBlock):
+                self._dispatched.pop(job.id, None)
+                if job.status is JobStatus.QUEUED:
+                    self.lost(job)  # nobody took it: it goes first again
+                continue
+            backend.took(self.policy.checkpoint_of(job))
+            log.debug("dispatched job %s (%s) to %s", job.id, job.model, backend.name)
+
+    async def _collect(self) -> None:
+        async for request in self.requests:
+            self._pending.append(request)
+            self.wake()
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        async with self.requests:
+        async with self.requests, trio.open_nursery() as nursery:
+            nursery.start_soon(self._collect)
             task_status.started()
-            async for reply in self.requests:
-                job = await self._next()
-                self._dispatched[job.id] = job
-                try:
-                    reply.send_nowait(job)
-                except (trio.BrokenResourceError, trio.WouldBlock):
-                    self._dispatched.pop(job.id, None)
-                    if job.status is JobStatus.QUEUED:
-                        self._waiting.add(job)  # nobody took it: it waits again
-                    continue
-                log.debug("dispatched job %s (%s) to the worker", job.id, job.model)
-        raise RuntimeError("the scheduler's request channel closed")
+            while True:
+                self._wakeup = trio.Event()
+                self._serve()
+                await self._wakeup.wait()
 
 
 def requeue_interrupted(job: Job) -> dict[str, Any]:

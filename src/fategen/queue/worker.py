@@ -1,4 +1,4 @@
-"""The comfy worker actor: takes jobs from the scheduler and runs them on ComfyUI.
+"""The comfy worker actor: takes jobs from the scheduler and runs them on one backend.
 
 Two tasks joined by an unbuffered channel keep ComfyUI's own queue one prompt ahead:
 
@@ -7,6 +7,12 @@ Two tasks joined by an unbuffered channel keep ComfyUI's own queue one prompt ah
 The submitter builds the workflow and posts it (prompt id = job id) while the follower still
 follows the previous prompt, so ComfyUI starts the next prompt the moment the last one ends.
 A job shows as ``processing`` once the follower takes it, i.e. when it is the one executing.
+
+A backend that goes away (its session turns ``down``) loses its jobs: the running one and the
+one posted ahead go back to the front of the queue (`Scheduler.lost`), shown as queued, and
+run on another backend that can run them (or on this one when it is back: the worker looks a
+job up on ComfyUI before it posts it again). A job fails for its own fault only (an execution
+error, a refused workflow), or once ``max_losses`` backends in a row lost it while it ran.
 """
 
 from __future__ import annotations
@@ -23,24 +29,27 @@ from fategen.comfy.wire import ImageRef
 from fategen.core.modelconfig import ModelConfig
 from fategen.core.workflow import WorkflowTemplate, build_workflow
 from fategen.errors import ComfyUnavailable, FategenError
-from fategen.queue.scheduler import Scheduler
+from fategen.queue.fleet import Backend, Fleet
+from fategen.queue.scheduler import Scheduler, WorkRequest
 from fategen.store.jobs import Job, JobStatus, JobStore
 
 log = logging.getLogger("fategen.worker")
 
-#: A job is run at most this many times when ComfyUI loses it (dies mid-job, restart).
-MAX_ATTEMPTS = 2
+#: A job lost by this many backends in a row while it ran fails (``FATEGEN_MAX_LOSSES``).
+MAX_LOSSES = 3
 #: A job ComfyUI is still executing when fategen comes back for the second time fails.
 MAX_INTERRUPTIONS = 2
 INTERRUPTED_TWICE = "the job was interrupted twice (fategen restarted while it ran); giving up"
-#: Starts of one job (restarts of fategen during it included) before it is given up.
+#: Starts of one job beyond its losses (restarts of fategen during it) before it is given up.
 MAX_STARTS = 5
 
 
 class Session(Protocol):
     """What the worker needs of `fategen.comfy.session.ComfySession`."""
 
-    async def submit(self, workflow: dict[str, object], *, prompt_id: str) -> None: ...
+    async def submit(
+        self, workflow: dict[str, object], *, prompt_id: str, fail_when_down: bool = False
+    ) -> None: ...
     async def follow(
         self, prompt_id: str, on_progress: Callable[[int, int], None] | None = None
     ) -> list[ImageRef]: ...
@@ -56,17 +65,30 @@ class ComfyWorker:
     session: Session
     config: ModelConfig
     templates: Mapping[str, WorkflowTemplate]
-    requests: trio.MemorySendChannel[trio.MemorySendChannel[Job]]
+    requests: trio.MemorySendChannel[WorkRequest]
     results: trio.MemorySendChannel[tuple[Job, list[ImageRef]]]
-    _cancels: dict[str, str] = attrs.field(factory=dict, init=False)
+    backend: Backend
+    fleet: Fleet
+    max_losses: int = MAX_LOSSES
     _scopes: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
-    #: Jobs the follower is running right now (normally one).
-    running: set[str] = attrs.field(factory=set, init=False)
-    #: Jobs the submitter or follower holds (from dispatch to the hand-over to the
-    #: post-processor, or their end).
+    #: Jobs this worker holds (from dispatch to the hand-over to the post-processor, or
+    #: their end); the backend's ``held`` has those of all its workers.
     _held: set[str] = attrs.field(factory=set, init=False)
     #: The job posted to ComfyUI ahead of the running one, not yet followed.
     _ahead: Job | None = attrs.field(default=None, init=False)
+
+    @property
+    def _cancels(self) -> dict[str, str]:
+        """Job id -> who cancels it (shared by the fleet's workers)."""
+        return self.fleet.cancels
+
+    @property
+    def running(self) -> set[str]:
+        """Jobs executing on this worker's backend now."""
+        return self.backend.running
+
+    def holds(self, job_id: str) -> bool:
+        return job_id in self._held
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -78,6 +100,11 @@ class ComfyWorker:
                 nursery.start_soon(self._follower, submitted_rx)
                 task_status.started()
         raise RuntimeError("the comfy worker stopped")
+
+    def _hold(self, job: Job) -> None:
+        self._held.add(job.id)
+        self.backend.held.add(job.id)
+        self.backend.note_activity()
 
     # -- cancel ---------------------------------------------------------------------------
     async def cancel(self, job: Job, by: str) -> bool:
@@ -131,13 +158,49 @@ class ComfyWorker:
                 extra=job.log_fields("cancelled"),
             )
 
-    def _release(self, job: Job) -> None:
-        """The worker is done with a job (any outcome, or handed to the post-processor)."""
+    def _release(self, job: Job, *, lost: bool = False) -> None:
+        """The worker is done with a job (any outcome, or handed to the post-processor);
+        ``lost``: its backend lost it, and it goes to the front of the queue."""
         self._held.discard(job.id)
+        self.backend.held.discard(job.id)
+        self.backend.ahead.pop(job.id, None)
         cancelling = self._cancels.pop(job.id, None) is not None
         self.running.discard(job.id)
-        # A job whose cancel is being recorded is not handed out again meanwhile.
-        self.scheduler.done(job, requeue=not cancelling)
+        if lost and not cancelling:
+            self.scheduler.lost(job)
+        else:
+            # A job whose cancel is being recorded is not handed out again meanwhile.
+            self.scheduler.done(job, requeue=not cancelling)
+        self.backend.note_activity()
+
+    async def _lose(self, job: Job, reason: str, *, ran: bool) -> bool:
+        """The backend lost the job (it went away, or could not take the post): queued again
+        at the front, or failed if ``max_losses`` backends in a row lost it while it ran
+        (``ran``). True if it is queued again."""
+        losses = job.losses + (1 if ran else 0)
+        if ran:
+            self.backend.jobs_lost += 1
+        if losses >= self.max_losses:
+            await self._fail(
+                job,
+                f"{reason}; it was lost {losses} times in a row, so it failed (submit it again)",
+            )
+            return False
+        log.warning(
+            "job %s: %s; it goes back to the front of the queue%s",
+            job.id,
+            reason,
+            f" (lost {losses} of {self.max_losses} times)" if ran else "",
+        )
+        return await self.store.update(
+            job,
+            expect=(JobStatus.PROCESSING, JobStatus.QUEUED),
+            status=JobStatus.QUEUED,
+            started=None,
+            progress_value=0,
+            progress_max=0,
+            losses=losses,
+        )
 
     async def _fail(self, job: Job, error: str) -> None:
         if await self.store.update(job, status=JobStatus.FAILED, error=error, finished=time.time()):
@@ -160,22 +223,30 @@ class ComfyWorker:
     async def _next_job(self) -> Job:
         reply_tx, reply_rx = trio.open_memory_channel[Job](1)
         async with reply_rx:
-            await self.requests.send(reply_tx)
+            await self.requests.send(WorkRequest(self.backend, reply_tx))
             return await reply_rx.receive()
 
     async def _submitter(self, submitted: trio.MemorySendChannel[Job]) -> None:
         async with submitted:
             while True:
                 job = await self._next_job()
-                self._held.add(job.id)
-                if not await self._submit(job):
+                self._hold(job)
+                try:
+                    posted = await self._submit(job)
+                except ComfyUnavailable as exc:
+                    requeued = await self._lose(job, str(exc), ran=False)
+                    self._release(job, lost=requeued)
+                    continue
+                if not posted:
                     self._release(job)
                     continue
                 self._ahead = job
+                self.backend.ahead[job.id] = job
                 try:
                     await submitted.send(job)
                 finally:
                     self._ahead = None
+                    self.backend.ahead.pop(job.id, None)
 
     async def _submit(self, job: Job) -> bool:
         """Post the job's prompt; False when the job has ended (failed, or cancelled: after
@@ -191,7 +262,9 @@ class ComfyWorker:
         except FategenError as exc:
             await self._fail(job, str(exc))
             return False
-        maybe_known = job.attempts > 0 or job.id in self.store.recovered
+        maybe_known = job.submitted is not None and job.backend in (None, self.backend.name)
+        if job.submitted is not None and not maybe_known:
+            await self.fleet.stop_elsewhere(job, self.backend)  # so it does not run twice
         self.store.recovered.discard(job.id)
         if maybe_known:
             state = await self._comfy_state(job)
@@ -203,7 +276,7 @@ class ComfyWorker:
                 await self.stop_on_comfy(job.id, "stop")
                 await self._fail(job, INTERRUPTED_TWICE)
                 return False
-            if job.attempts >= MAX_STARTS:
+            if job.attempts >= MAX_STARTS + job.losses:
                 await self.stop_on_comfy(job.id, "stop")
                 await self._fail(
                     job, f"fategen restarted {job.attempts} times during the job; giving up"
@@ -214,10 +287,14 @@ class ComfyWorker:
                 return True
         # On disk before the post: after a crash, the job is looked up in ComfyUI (and goes
         # first). Not if it was cancelled meanwhile.
-        if not await self.store.update(job, expect=(JobStatus.QUEUED,), submitted=time.time()):
+        if not await self.store.update(
+            job, expect=(JobStatus.QUEUED,), submitted=time.time(), backend=self.backend.name
+        ):
             return False
         try:
-            await self.session.submit(workflow, prompt_id=job.id)
+            await self.session.submit(workflow, prompt_id=job.id, fail_when_down=True)
+        except ComfyUnavailable:
+            raise  # the caller queues it again
         except FategenError as exc:
             await self._fail(job, str(exc))
             return False
@@ -241,12 +318,18 @@ class ComfyWorker:
     async def _follower(self, submitted: trio.MemoryReceiveChannel[Job]) -> None:
         async with submitted:
             async for job in submitted:
+                lost = False
                 try:
-                    await self._follow(job)
+                    lost = await self._follow(job)
                 finally:
-                    self._release(job)
+                    self._release(job, lost=lost)
 
-    async def _follow(self, job: Job) -> None:
+    async def _follow(self, job: Job) -> bool:
+        """Run the job to its hand-over to the post-processor, or its end; True when the
+        backend lost it and it is queued again (at the front)."""
+        if self.backend.session.state == "down" and job.id not in self._cancels:
+            # Posted ahead to a backend that went away since: it never started there.
+            return await self._lose(job, f"{self.backend.session.label} went away", ran=False)
         # A start counts when ComfyUI is to run the job, not when a restart finds it done.
         attempts = job.attempts + (1 if job.generated is None else 0)
         now = time.time()
@@ -264,7 +347,7 @@ class ComfyWorker:
         )
         if not started:
             self.session.forget(job.id)
-            return
+            return False
         self.running.add(job.id)
         log.info(
             "job %s started (%s, %d image(s), attempt %d)",
@@ -286,34 +369,12 @@ class ComfyWorker:
             try:
                 refs = await self.session.follow(job.id, progress)
             except ComfyUnavailable as exc:
-                if job.id in self._cancels:
-                    pass
-                elif attempts < MAX_ATTEMPTS:
-                    log.warning(
-                        "job %s: %s; running it again (attempt %d of %d)",
-                        job.id,
-                        exc,
-                        attempts + 1,
-                        MAX_ATTEMPTS,
-                    )
-                    await self.store.update(
-                        job,
-                        expect=(JobStatus.PROCESSING,),
-                        status=JobStatus.QUEUED,
-                        started=None,
-                        submitted=None,
-                    )
-                    self.scheduler.wake()
-                    return
-                else:
-                    await self._fail(
-                        job, f"{exc}; it was tried {attempts} times, so it failed (submit it again)"
-                    )
-                    return
+                if job.id not in self._cancels:
+                    return await self._lose(job, str(exc), ran=True)
             except FategenError as exc:
                 if job.id not in self._cancels:
                     await self._fail(job, str(exc))
-                    return
+                    return False
             finally:
                 del self._scopes[job.id]
         if job.id not in self._cancels:
@@ -323,6 +384,8 @@ class ComfyWorker:
             await self.store.update(job, expect=(JobStatus.PROCESSING,), generated=time.time())
         if job.id in self._cancels:  # cancelled during the follow (or just after it)
             await self._finish_cancelled(job)
-            return
+            return False
         assert refs is not None
+        self.backend.jobs_done += 1
         await self.results.send((job, refs))
+        return False

@@ -3,7 +3,8 @@
     sim = Simulator(SimulatorKnobs(step_seconds=0.001))
     port = await nursery.start(sim.serve)
 
-See ``SimulatorKnobs`` for timing and faults, ``Simulator.executions`` for what ran when.
+See ``SimulatorKnobs`` for timing, faults and the optional bearer token, ``Simulator.executions``
+(also ``GET /sim/executions``, in wall-clock seconds) for what ran when.
 """
 
 from fategen.simulator.knobs import DEFAULT_CHECKPOINTS, ExecutionRecord, SimulatorKnobs

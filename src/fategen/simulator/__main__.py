@@ -1,9 +1,14 @@
-"""``python -m fategen.simulator --port 8188``: run the ComfyUI simulator until interrupted."""
+"""``python -m fategen.simulator --port 8188``: run the ComfyUI simulator until interrupted.
+
+``--token`` makes it answer 401 without ``Authorization: Bearer <token>``; ``--name`` prefixes
+its log lines (one line per executed prompt, at INFO).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from functools import partial
 
 import trio
@@ -41,18 +46,42 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(defaults.checkpoints)
         + ")",
     )
+    parser.add_argument(
+        "--token",
+        help="require the header 'Authorization: Bearer TOKEN' on every request (default: none)",
+    )
+    parser.add_argument(
+        "--name", help="a prefix for the log lines, to tell several simulators apart"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.token == "":
+        parser.error("--token must not be empty")
+    prefix = f"[{args.name.replace('%', '%%')}] " if args.name else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(name)s: %(message)s")
     knobs = SimulatorKnobs(
-        step_seconds=args.step_seconds, model_load_seconds=args.model_load_seconds
+        step_seconds=args.step_seconds,
+        model_load_seconds=args.model_load_seconds,
+        required_token=args.token,
     )
     if args.checkpoints:
         knobs.checkpoints = list(args.checkpoints)
     simulator = Simulator(knobs)
     try:
-        trio.run(partial(simulator.serve, host=args.host, port=args.port))
+        trio.run(partial(serve_until_signalled, simulator, args.host, args.port))
     except* KeyboardInterrupt:
-        pass  # Ctrl+C is how it is meant to stop: exit 0, quietly
+        pass  # a second Ctrl+C: exit 0, quietly
+
+
+async def serve_until_signalled(simulator: Simulator, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully. The signals are received, not
+    raised as KeyboardInterrupt wherever trio happens to run (which can land inside a
+    nursery's exit in hypercorn and corrupt trio's state)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(simulator.serve, host=host, port=port))
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
 
 
 if __name__ == "__main__":

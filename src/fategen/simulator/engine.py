@@ -10,6 +10,7 @@ binary frames go to everyone when the prompt has no ``client_id``; the rest only
 
 from __future__ import annotations
 
+import logging
 import random
 import string
 import time
@@ -24,6 +25,8 @@ from fategen.simulator.hub import Hub
 from fategen.simulator.knobs import ExecutionRecord, ExecutionStatus, JobFaults, SimulatorKnobs
 from fategen.simulator.prompt_queue import PromptQueue, QueueItem
 from fategen.simulator.store import ImageStore, OutsideOutputFolder
+
+logger = logging.getLogger(__name__)
 
 _PNG_FRAME = (1).to_bytes(4, "big") + (2).to_bytes(4, "big")
 
@@ -248,18 +251,24 @@ class Engine:
     def _record(
         self, run: _Run, status: ExecutionStatus, started: tuple[float, float, float]
     ) -> None:
-        self.executions.append(
-            ExecutionRecord(
-                prompt_id=run.item.prompt_id,
-                checkpoint=graph.first_checkpoint(run.prompt),
-                status=status,
-                started=started[0],
-                finished=trio.current_time(),
-                started_monotonic=started[1],
-                finished_monotonic=time.monotonic(),
-                started_wall=started[2],
-                finished_wall=time.time(),
-            )
+        record = ExecutionRecord(
+            prompt_id=run.item.prompt_id,
+            checkpoint=graph.first_checkpoint(run.prompt),
+            status=status,
+            started=started[0],
+            finished=trio.current_time(),
+            started_monotonic=started[1],
+            finished_monotonic=time.monotonic(),
+            started_wall=started[2],
+            finished_wall=time.time(),
+        )
+        self.executions.append(record)
+        logger.info(
+            "executed prompt %s (%s): %s in %.3f s",
+            record.prompt_id,
+            record.checkpoint or "no checkpoint",
+            record.status,
+            record.duration,
         )
 
     def _error_data(self, run: _Run, failure: NodeFailure) -> dict[str, Any]:

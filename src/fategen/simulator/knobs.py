@@ -41,6 +41,10 @@ class SimulatorKnobs:
     ``caching``: like ComfyUI, nodes whose inputs did not change since the previous prompt are
     not run again (an identical resubmission is fully cached and repeats the earlier outputs).
     Set it to False to re-execute every node of every prompt.
+
+    ``required_token``: when set, every HTTP route and the websocket handshake need the header
+    ``Authorization: Bearer <token>``, or they answer 401 (like a reverse proxy in front of
+    ComfyUI). None (the default) lets everything in.
     """
 
     step_seconds: float = 0.01
@@ -54,6 +58,7 @@ class SimulatorKnobs:
     drop_ws_mid_job: int = 0
     hang: int = 0
     execution_error: int = 0
+    required_token: str | None = None
 
     def take_job_faults(self) -> JobFaults:
         """Consume one unit of each counted fault for the job that starts now."""

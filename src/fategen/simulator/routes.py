@@ -13,7 +13,9 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
 from fategen.simulator import catalogue, render
+from fategen.simulator.auth import authorized
 from fategen.simulator.hub import Close, Connection, text_message
+from fategen.simulator.knobs import ExecutionRecord
 from fategen.simulator.static_info import FEATURES, MODEL_FOLDERS, system_stats
 
 if TYPE_CHECKING:
@@ -46,6 +48,24 @@ def server_error() -> Response:
     return Response(_SERVER_ERROR, 500, content_type="text/plain; charset=utf-8")
 
 
+def unauthorized() -> Response:
+    """What a reverse proxy checking a bearer token answers without the right one."""
+    response = json_response({"error": "unauthorized"}, 401)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def execution_json(record: ExecutionRecord) -> dict[str, Any]:
+    """One execution for ``GET /sim/executions``; times are wall-clock (``time.time()``)."""
+    return {
+        "prompt_id": record.prompt_id,
+        "started": record.started_wall,
+        "ended": record.finished_wall,
+        "status": record.status,
+        "checkpoint": record.checkpoint,
+    }
+
+
 async def _json_body() -> Any:
     """The request's JSON body (raises ValueError when it is not JSON)."""
     return json.loads(await request.get_data(as_text=True))
@@ -63,6 +83,18 @@ def create_app(sim: Simulator) -> QuartTrio:
             return view
 
         return register
+
+    @app.before_request
+    async def check_token() -> Response | None:
+        if authorized(request.headers.get("Authorization"), sim.knobs.required_token):
+            return None
+        return unauthorized()
+
+    @app.before_websocket
+    async def check_websocket_token() -> Response | None:
+        if authorized(websocket.headers.get("Authorization"), sim.knobs.required_token):
+            return None
+        return unauthorized()  # sent instead of the handshake's 101
 
     @app.after_request
     async def add_csp(response: Response) -> Response:
@@ -211,6 +243,11 @@ def create_app(sim: Simulator) -> QuartTrio:
     @route("/features", ["GET"])
     async def features() -> Response:
         return json_response(FEATURES)
+
+    @route("/sim/executions", ["GET"])
+    async def sim_executions() -> Response:
+        """Not ComfyUI's: the finished executions, in order (the running one is not listed)."""
+        return json_response({"executions": [execution_json(r) for r in sim.executions]})
 
     async def ws() -> None:
         sid = websocket.args.get("clientId") or uuid.uuid4().hex

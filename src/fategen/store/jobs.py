@@ -248,6 +248,7 @@ class JobStore:
             error=job.error,
             cancelled_by=job.cancelled_by,
             key_name=job.key_name,
+            backend=job.backend,
         )
 
     def use_index(self, index: QueueIndex) -> None:

@@ -91,6 +91,11 @@ class Job:
     #: The name of the API key that submitted it (None with keys off). A nick belongs to
     #: its key: "alice" of one bot and "alice" of another are two users.
     key_name: str | None = attrs.field(default=None, converter=_interned_or_none)
+    #: The backend its prompt was last posted to (where it may still be after a loss or a
+    #: restart); None before its first post.
+    backend: str | None = attrs.field(default=None, converter=_interned_or_none)
+    #: How many times in a row a backend lost the job while it ran (it died, or went away).
+    losses: int = 0
 
     @property
     def model(self) -> str:
@@ -140,6 +145,7 @@ class JobView:
     error: str | None
     cancelled_by: str | None
     key_name: str | None = None
+    backend: str | None = None
 
 
 #: The one converter for jobs: a job is stored as this JSON (the ``body`` column).
