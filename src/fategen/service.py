@@ -370,6 +370,7 @@ def build_service(settings: Settings) -> Service:
         templates,
         canceller=fleet,
         health=fleet,
+        fleet=fleet,
         max_queue=settings.max_queue,
         max_queue_per_user=settings.max_queue_per_user,
         idempotency_ttl=settings.idempotency_hours * 3600,
@@ -523,7 +524,11 @@ async def run_service(
                 backlog=backlog,
             )
         )
-        log.info("fategen listening on %s, ComfyUI at %s", ", ".join(urls), settings.comfyui_url)
+        log.info(
+            "fategen listening on %s, ComfyUI at %s",
+            ", ".join(urls),
+            ", ".join(f"{b.name}={b.url}" for b in settings.backends),
+        )
         log_setup(settings)
         task_status.started(Running(urls, service))
         await shutdown.wait()

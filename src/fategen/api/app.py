@@ -16,7 +16,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from fategen import __version__
-from fategen.api import answers, auth, docs, health, jobs, models
+from fategen.api import answers, auth, backends, docs, health, jobs, models
 from fategen.api.common import EXTENSION, ApiState, error
 from fategen.api.frontdesk import Frontdesk, Refused
 from fategen.api.schemas import CompleteOpenAPIProvider
@@ -149,7 +149,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     app.before_request(_start_clock)
     app.before_request(auth.authenticate)
     app.after_request(_access_log)
-    for module in (jobs, models, health, docs):
+    for module in (jobs, models, health, backends, docs):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
     return app

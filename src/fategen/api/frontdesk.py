@@ -22,6 +22,7 @@ from fategen.core.modelconfig import ModelConfig
 from fategen.core.prompt import GenerationRequest, parse_request
 from fategen.core.workflow import WorkflowTemplate, build_workflow
 from fategen.errors import FategenError
+from fategen.queue.fleet import BackendView
 from fategen.queue.scheduler import Scheduler
 from fategen.store.jobs import Job, JobStatus, JobStore, JobView
 from fategen.store.locks import KeyedLocks
@@ -45,6 +46,14 @@ class Refused(FategenError):
 
 class Canceller(Protocol):
     async def cancel(self, job: Job, by: str) -> bool: ...
+
+
+class FleetControl(Protocol):
+    """What the API reads and changes of the backends (`fategen.queue.fleet.Fleet`)."""
+
+    def views(self) -> list[BackendView]: ...
+    def drain(self, name: str) -> BackendView: ...
+    def enable(self, name: str) -> BackendView: ...
 
 
 class Health(Protocol):
@@ -81,6 +90,8 @@ class Frontdesk:
     templates: Mapping[str, WorkflowTemplate]
     canceller: Canceller
     health: Health
+    #: The backends (None: a front desk tested without any).
+    fleet: FleetControl | None = None
     max_queue: int = 500
     max_queue_per_user: int = 10
     #: Seconds an Idempotency-Key holds (24 hours, as Comfy's API v2).

@@ -10,7 +10,7 @@ from quart_schema import validate_response
 
 from fategen.api.auth import may_see_details
 from fategen.api.common import state
-from fategen.api.schemas import ComfyHealth, HealthResponse, ReadyResponse
+from fategen.api.schemas import BackendHealth, ComfyHealth, HealthResponse, ReadyResponse
 
 blueprint = Blueprint("health", __name__)
 
@@ -32,6 +32,10 @@ async def health() -> tuple[HealthResponse, int]:
             ),
             queued=store.count_queued(),
             processing=store.count_processing(),
+            backends=[
+                BackendHealth(name=v.name, state=v.state)
+                for v in (desk.fleet.views() if desk.fleet is not None else [])
+            ],
         ),
         200,
     )
@@ -43,14 +47,19 @@ async def health() -> tuple[HealthResponse, int]:
 async def ready() -> tuple[ReadyResponse, int]:
     """Whether jobs can run now.
 
-    200 when ComfyUI is reachable and the service is not shutting down, 503 with the reason
-    otherwise."""
+    200 when a ComfyUI backend is up (connected and not drained) and the service is not
+    shutting down, 503 with the reason otherwise."""
     desk = state().desk
     if desk.stopping:
         return ReadyResponse(ready=False, reason="the service is shutting down"), 503
-    if not desk.health.available:
+    views = desk.fleet.views() if desk.fleet is not None else []
+    if not desk.health.available or (views and not any(v.state == "up" for v in views)):
         reason = "ComfyUI cannot be reached"
-        if may_see_details() and desk.health.last_error:
+        if len(views) > 1:
+            reason = "no ComfyUI backend can take jobs: " + ", ".join(
+                f"{v.name} is {v.state}" for v in views
+            )
+        elif may_see_details() and desk.health.last_error:
             reason = desk.health.last_error
         return ReadyResponse(ready=False, reason=reason), 503
     return ReadyResponse(ready=True), 200

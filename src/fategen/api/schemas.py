@@ -165,12 +165,55 @@ class ComfyHealth:
 
 
 @attrs.frozen
+class BackendHealth:
+    name: str
+    #: connecting, up, reconnecting, down, draining or drained.
+    state: str
+
+
+@attrs.frozen
 class HealthResponse:
     #: "ok" while the service runs ("stopping" during shutdown).
     status: str
+    #: Reachable when any backend is; the error of one that is not.
     comfyui: ComfyHealth
     queued: int
     processing: int
+    backends: list[BackendHealth] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class BackendInfo:
+    name: Annotated[str, _d("The backend's name (COMFYUI_BACKENDS).", "gpu0")]
+    state: Annotated[
+        str,
+        _d(
+            "connecting, up, reconnecting (lost less than the probe timeout ago), down, "
+            "draining (finishing what it holds) or drained.",
+            "up",
+        ),
+    ]
+    enabled: Annotated[bool, _d("False once drained: it takes no new job.")]
+    loaded_checkpoint: Annotated[
+        str | None, _d("The checkpoint it last ran (null after an idle unload).")
+    ]
+    running: Annotated[list[str], _d("Jobs executing on it now.")]
+    ahead: Annotated[list[str], _d("Jobs posted to it ahead of the running ones.")]
+    comfy_queue: Annotated[int | None, _d("Prompts in its ComfyUI queue, as it last said.")]
+    jobs_done: Annotated[int, _d("Jobs it generated since fategen started.")]
+    jobs_lost: Annotated[int, _d("Jobs it lost while they ran (it died or went away).")]
+    model_loads: Annotated[int, _d("Jobs it was given that needed another checkpoint.")]
+    models: Annotated[list[str] | None, _d("The models it can run (null until it was checked).")]
+    unavailable: Annotated[dict[str, str], _d("Each other model, and why it cannot run there.")]
+    url: Annotated[str | None, _d("Its address (only with a key, or from this machine).")] = None
+    last_error: Annotated[
+        str | None, _d("Its last connection error (only with a key, or from this machine).")
+    ] = None
+
+
+@attrs.frozen
+class BackendsResponse:
+    backends: list[BackendInfo]
 
 
 @attrs.frozen
@@ -189,6 +232,7 @@ API_TYPES: tuple[type, ...] = (
     ModelsResponse,
     HealthResponse,
     ReadyResponse,
+    BackendsResponse,
 )
 
 

@@ -350,8 +350,9 @@ class ComfyWorker:
             return False
         self.running.add(job.id)
         log.info(
-            "job %s started (%s, %d image(s), attempt %d)",
+            "job %s started on %s (%s, %d image(s), attempt %d)",
             job.id,
+            self.backend.name,
             job.model,
             job.request.count,
             attempts,
