@@ -548,6 +548,24 @@ class ComfySession:
             await self.rest.delete_from_queue([prompt_id])
             await self.rest.interrupt(prompt_id)
 
+    def started(self, prompt_id: str) -> bool:
+        """Whether ComfyUI said it began the prompt (as far as the WebSocket told)."""
+        tracker = self._trackers.get(prompt_id)
+        return tracker is not None and tracker.started
+
+    async def withdraw(self, prompt_id: str) -> bool:
+        """Take a prompt that has not started out of ComfyUI's queue. True when it is out
+        and never ran; False when it started or ended meanwhile (it is left alone).
+
+        Raises:
+            ComfyUnavailable: ComfyUI cannot be reached.
+        """
+        if self.started(prompt_id):
+            return False
+        await self.rest.delete_from_queue([prompt_id])
+        where = await locate(self.rest, prompt_id)
+        return where.state == "unknown" and not self.started(prompt_id)
+
     def forget(self, prompt_id: str) -> None:
         """Stop tracking a prompt nobody will follow (cancelled before it was followed)."""
         tracker = self._trackers.get(prompt_id)

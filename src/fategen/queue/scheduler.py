@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import attrs
 import trio
@@ -33,6 +33,9 @@ from fategen.core.fairqueue import FairQueue
 from fategen.core.policy import FairPolicy
 from fategen.queue.fleet import Backend, Fleet
 from fategen.store.jobs import Job, JobStatus, JobStore
+
+if TYPE_CHECKING:
+    from fategen.queue.worker import ComfyWorker
 
 log = logging.getLogger("fategen.scheduler")
 
@@ -63,6 +66,9 @@ class Scheduler:
     _handed: dict[str, int] = attrs.field(factory=dict, init=False)
     _tick: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _pending: list[WorkRequest] = attrs.field(factory=list, init=False)
+    #: Jobs posted ahead to a busy backend being taken back for an idle one.
+    _taking: set[str] = attrs.field(factory=set, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _paused: bool = attrs.field(default=False, init=False)
     #: The queued jobs neither dispatched nor at the front, in the policy's order.
@@ -225,6 +231,7 @@ class Scheduler:
             job = self._choose(backend) if backend.accepting else None
             if job is None:
                 self._pending.append(request)
+                self._take_back_for(backend)
                 continue
             self._dispatched[job.id] = job
             try:
@@ -237,6 +244,34 @@ class Scheduler:
             backend.took(self.policy.checkpoint_of(job))
             log.debug("dispatched job %s (%s) to %s", job.id, job.model, backend.name)
 
+    def _take_back_for(self, backend: Backend) -> None:
+        """An idle backend has nothing it can run while another holds a job posted ahead
+        that this one can run: take that job back (if it has not started) and run it here.
+        One take-back at a time per job; O(backends)."""
+        if backend.busy() or not backend.accepting or self._nursery is None:
+            return
+        for other in self.fleet:
+            if other is backend:
+                continue
+            for job in list(other.ahead.values()):
+                if job.id in self._taking or job.status is not JobStatus.QUEUED:
+                    continue
+                if not backend.can_run(job):
+                    continue
+                worker = self.fleet.holder(job.id)
+                if worker is None:
+                    continue
+                self._taking.add(job.id)
+                self._nursery.start_soon(self._take_back, worker, job)
+                return
+
+    async def _take_back(self, worker: ComfyWorker, job: Job) -> None:
+        try:
+            await worker.take_back(job)
+        finally:
+            self._taking.discard(job.id)
+            self.wake()
+
     async def _collect(self) -> None:
         async for request in self.requests:
             self._pending.append(request)
@@ -246,6 +281,7 @@ class Scheduler:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         async with self.requests, trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._collect)
             task_status.started()
             while True:

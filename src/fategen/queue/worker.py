@@ -55,6 +55,7 @@ class Session(Protocol):
     ) -> list[ImageRef]: ...
     async def cancel(self, prompt_id: str) -> None: ...
     async def lookup(self, prompt_id: str) -> str: ...
+    async def withdraw(self, prompt_id: str) -> bool: ...
     def forget(self, prompt_id: str) -> None: ...
 
 
@@ -76,6 +77,11 @@ class ComfyWorker:
     _held: set[str] = attrs.field(factory=set, init=False)
     #: The job posted to ComfyUI ahead of the running one, not yet followed.
     _ahead: Job | None = attrs.field(default=None, init=False)
+    #: The hand-over of `_ahead` to the follower (cancelled when the job is taken back).
+    _handover: trio.CancelScope | None = attrs.field(default=None, init=False)
+    #: A take-back in progress: the job id and the event set when it is decided.
+    _taking: tuple[str, trio.Event] | None = attrs.field(default=None, init=False)
+    _taken: set[str] = attrs.field(factory=set, init=False)
 
     @property
     def _cancels(self) -> dict[str, str]:
@@ -211,6 +217,35 @@ class ComfyWorker:
                 extra=job.log_fields("failed"),
             )
 
+    async def take_back(self, job: Job) -> bool:
+        """Take the job posted ahead here out of ComfyUI, if it has not started, so another
+        backend that went idle runs it now; it goes to the front of the queue with no
+        backend of its own. False when it is too late (it started here) or not ahead here."""
+        if self._ahead is not job or self._taking is not None or job.id in self._cancels:
+            return False
+        decided = trio.Event()
+        self._taking = (job.id, decided)
+        taken = False
+        try:
+            taken = await self.session.withdraw(job.id)
+            if taken:
+                self.session.forget(job.id)
+                taken = await self.store.update(
+                    job, expect=(JobStatus.QUEUED,), submitted=None, backend=None
+                )
+        except FategenError as exc:
+            log.warning("could not take job %s back from %s: %s", job.id, self.backend.name, exc)
+        finally:
+            if taken:
+                self._taken.add(job.id)
+                if self._handover is not None and self._ahead is job:
+                    self._handover.cancel()
+            self._taking = None
+            decided.set()
+        if taken:
+            log.info("job %s taken back from %s for an idle backend", job.id, self.backend.name)
+        return taken
+
     async def withdraw_submitted(self) -> None:
         """Shutdown: take the prompt posted ahead back out of ComfyUI's queue (it stays queued
         here and runs after the restart)."""
@@ -242,11 +277,17 @@ class ComfyWorker:
                     continue
                 self._ahead = job
                 self.backend.ahead[job.id] = job
+                handover = self._handover = trio.CancelScope()
                 try:
-                    await submitted.send(job)
+                    with handover:
+                        await submitted.send(job)
                 finally:
+                    self._handover = None
                     self._ahead = None
                     self.backend.ahead.pop(job.id, None)
+                if handover.cancelled_caught:  # taken back before the follower had it
+                    self._taken.discard(job.id)
+                    self._release(job, lost=True)
 
     async def _submit(self, job: Job) -> bool:
         """Post the job's prompt; False when the job has ended (failed, or cancelled: after
@@ -327,6 +368,11 @@ class ComfyWorker:
     async def _follow(self, job: Job) -> bool:
         """Run the job to its hand-over to the post-processor, or its end; True when the
         backend lost it and it is queued again (at the front)."""
+        if self._taking is not None and self._taking[0] == job.id:
+            await self._taking[1].wait()  # being taken back for an idle backend: decided?
+        if job.id in self._taken:
+            self._taken.discard(job.id)
+            return True
         if self.backend.session.state == "down" and job.id not in self._cancels:
             # Posted ahead to a backend that went away since: it never started there.
             return await self._lose(job, f"{self.backend.session.label} went away", ran=False)
