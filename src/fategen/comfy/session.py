@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -116,6 +116,8 @@ class ComfySession:
         probe_interval, probe_timeout: seconds between pings, and for each answer.
         down_after: seconds a lost connection may take to come back before the session is
             ``down`` (default: ``probe_timeout``).
+        websocket_connect: opens the WebSocket (trio-websocket's ``open_websocket_url``;
+            tests give one over memory streams).
         call_timeout: seconds any one REST call may take in all, its body included.
         max_response_bytes: the largest REST answer taken (an image, ``/history``, ...).
     """
@@ -138,7 +140,11 @@ class ComfySession:
         probe_interval: float = 1.0,
         probe_timeout: float = 1.0,
         down_after: float | None = None,
+        websocket_connect: Callable[
+            ..., AbstractAsyncContextManager[trio_websocket.WebSocketConnection]
+        ] = trio_websocket.open_websocket_url,
     ) -> None:
+        self._websocket_connect = websocket_connect
         self.name = name
         self.headers = dict(headers or {})
         self.probe_interval = probe_interval
@@ -283,8 +289,9 @@ class ComfySession:
     async def _connect_forever(self) -> NoReturn:
         delay = 0.0  # a lost connection is tried again at once
         while True:
+            unanswered = False
             try:
-                async with trio_websocket.open_websocket_url(
+                async with self._websocket_connect(
                     self.ws_url,
                     max_message_size=MAX_MESSAGE_SIZE,
                     connect_timeout=self.connect_timeout,
@@ -299,6 +306,8 @@ class ComfySession:
                     log.info("connected to ComfyUI %s at %s", self.name, self.base_url)
                     await self._read(ws)
             except _ProbeFailed:
+                # Silent for probe_interval, then no pong within probe_timeout: down now.
+                unanswered = True
                 self._note_failure(f"no answer to a ping within {_seconds(self.probe_timeout)}")
             except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError) as exc:
                 self._note_failure(_describe(exc))
@@ -307,7 +316,7 @@ class ComfySession:
                 self.last_error = f"the connection to ComfyUI at {self.base_url} failed: {exc!r}"
             finally:
                 self._set_available(False)
-                if self._state == "connecting":
+                if self._state == "connecting" or unanswered:
                     self._set_state("down")
             await trio.sleep(delay)
             delay = self.backoff_initial if delay == 0 else min(delay * 2, self.backoff_max)
