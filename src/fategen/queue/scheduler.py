@@ -88,7 +88,8 @@ class Scheduler:
     def discard(self, job: Job) -> None:
         """The job is no longer queued (started, cancelled, deleted)."""
         self._waiting.discard(job)
-        self._handed.pop(job.id, None)
+        if job.id not in self._dispatched:  # a running job keeps its tick, should it be lost
+            self._handed.pop(job.id, None)
 
     def _ahead(self) -> list[Job]:
         """Dispatched jobs not started yet (at most each worker's prompt ahead: O(workers))."""
@@ -155,6 +156,7 @@ class Scheduler:
         """A worker finished with a dispatched job (any outcome). One still queued waits
         for its turn again, unless ``requeue`` is False (its cancel is being recorded)."""
         self._dispatched.pop(job.id, None)
+        self._handed.pop(job.id, None)
         self._waiting.forget(job.id)
         if requeue and job.status is JobStatus.QUEUED:
             self._waiting.add(job)
