@@ -68,6 +68,9 @@ class Scheduler:
     _pending: list[WorkRequest] = attrs.field(factory=list, init=False)
     #: Jobs posted ahead to a busy backend being taken back for an idle one.
     _taking: set[str] = attrs.field(factory=set, init=False)
+    #: Jobs a take-back failed for (it started, or its backend did not answer): not tried
+    #: again while they stay where they are.
+    _untakeable: set[str] = attrs.field(factory=set, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _paused: bool = attrs.field(default=False, init=False)
@@ -157,6 +160,7 @@ class Scheduler:
         for its turn again, unless ``requeue`` is False (its cancel is being recorded)."""
         self._dispatched.pop(job.id, None)
         self._handed.pop(job.id, None)
+        self._untakeable.discard(job.id)
         self._waiting.forget(job.id)
         if requeue and job.status is JobStatus.QUEUED:
             self._waiting.add(job)
@@ -166,6 +170,7 @@ class Scheduler:
         """A worker gave back a dispatched job its backend lost (or never ran): it goes to
         the front, keeping its place (it was served its turn already)."""
         self._dispatched.pop(job.id, None)
+        self._untakeable.discard(job.id)
         self._waiting.discard(job)
         if job.status is JobStatus.QUEUED and all(p.id != job.id for p in self._front):
             self._handed.setdefault(job.id, next(self._tick))
@@ -253,10 +258,12 @@ class Scheduler:
         if backend.busy() or not backend.accepting or self._nursery is None:
             return
         for other in self.fleet:
-            if other is backend:
-                continue
+            if other is backend or not other.session.available:
+                continue  # one that is away gives its jobs back by itself
             for job in list(other.ahead.values()):
-                if job.id in self._taking or job.status is not JobStatus.QUEUED:
+                if job.id in self._taking or job.id in self._untakeable:
+                    continue
+                if job.status is not JobStatus.QUEUED:
                     continue
                 if not backend.can_run(job):
                     continue
@@ -268,10 +275,13 @@ class Scheduler:
                 return
 
     async def _take_back(self, worker: ComfyWorker, job: Job) -> None:
+        taken = False
         try:
-            await worker.take_back(job)
+            taken = await worker.take_back(job)
         finally:
             self._taking.discard(job.id)
+            if not taken:
+                self._untakeable.add(job.id)
             self.wake()
 
     async def _collect(self) -> None:
