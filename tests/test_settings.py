@@ -111,6 +111,8 @@ EVERY_VARIABLE: list[tuple[str, str, str, Any]] = [
     ("FATEGEN_API_KEYS", f" {KEY_A} ,{KEY_B},,", "api_keys", frozenset({KEY_A, KEY_B})),
     ("FATEGEN_ADMIN_KEYS", KEY_B, "admin_keys", frozenset({KEY_B})),
     ("FATEGEN_PUBLIC_URL", " https://img.example.org/ ", "public_url", "https://img.example.org"),
+    ("FATEGEN_MAX_STREAMS", "50", "max_streams", 50),
+    ("FATEGEN_EVENTS_HEARTBEAT", "2.5", "events_heartbeat", 2.5),
 ]
 
 

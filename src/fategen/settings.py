@@ -470,6 +470,12 @@ class Settings:
     trusted_proxy_hops: int = _v(
         "FATEGEN_TRUSTED_PROXY_HOPS", 0, _integer("FATEGEN_TRUSTED_PROXY_HOPS", low=0, high=10)
     )
+    #: Event streams (Server-Sent Events) open at once; past it, 429.
+    max_streams: int = _v("FATEGEN_MAX_STREAMS", 1000, _integer("FATEGEN_MAX_STREAMS", low=1))
+    #: Seconds between heartbeat comments on an idle event stream (proxies close silent ones).
+    events_heartbeat: float = _v(
+        "FATEGEN_EVENTS_HEARTBEAT", 15, _seconds("FATEGEN_EVENTS_HEARTBEAT")
+    )
     #: The URL bots should use to reach this service (for image links); empty = from the request.
     public_url: str = _v("FATEGEN_PUBLIC_URL", "", lambda v: str(v).strip().rstrip("/"))
 

@@ -16,7 +16,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from fategen import __version__
-from fategen.api import answers, auth, backends, docs, health, jobs, models
+from fategen.api import answers, auth, backends, docs, events, health, jobs, models
 from fategen.api.common import EXTENSION, ApiState, error
 from fategen.api.frontdesk import Frontdesk, Refused
 from fategen.api.schemas import CompleteOpenAPIProvider
@@ -70,7 +70,8 @@ class LenientRequest(TrioRequest):
 
 def _provider(keys_required: bool) -> type[CompleteOpenAPIProvider]:
     """The OpenAPI provider, completed with what quart-schema cannot say from the routes: the
-    WebP body of ``/job/{id}/image`` and, when API keys are configured, the bearer scheme."""
+    WebP body of ``/job/{id}/image``, the event streams and, when API keys are configured,
+    the bearer scheme."""
 
     class Provider(CompleteOpenAPIProvider):
         def schema(self) -> dict[str, Any]:
@@ -82,6 +83,24 @@ def _provider(keys_required: bool) -> type[CompleteOpenAPIProvider]:
                     "description": "The finished image",
                     "content": {"image/webp": {"schema": {"type": "string", "format": "binary"}}},
                 }
+            stream = {
+                "description": "Server-Sent Events (text/event-stream): each event has an id, "
+                "a type (snapshot, queued, started, progress, completed, failed, cancelled) "
+                "and the job as GET /job/{job_id} shows it as data",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+            for path in ("/job/{job_id}/events", "/events"):
+                operation = paths.get(path, {}).get("get")
+                if operation is not None:
+                    operation.setdefault("responses", {})[200] = stream
+                    operation["responses"][429] = {
+                        "description": "Too many event streams are open",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}
+                            }
+                        },
+                    }
             job = document.get("components", {}).get("schemas", {}).get("JobResponse")
             if job is not None:
                 job["properties"]["seed"]["maximum"] = MAX_SEED
@@ -149,7 +168,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     app.before_request(_start_clock)
     app.before_request(auth.authenticate)
     app.after_request(_access_log)
-    for module in (jobs, models, health, backends, docs):
+    for module in (jobs, events, models, health, backends, docs):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
     return app

@@ -100,6 +100,8 @@ class Frontdesk:
     availability: ModelAvailability = attrs.field(factory=ModelAvailability)
     rng: random.Random = attrs.field(factory=random.SystemRandom)
     stopping: bool = False
+    #: Event streams open now (`fategen.api.events`).
+    open_streams: int = 0
     #: Submissions with one Idempotency-Key follow each other (the second finds the first);
     #: others do not wait for each other, so their jobs share one commit.
     _key_locks: KeyedLocks[tuple[str, str]] = attrs.field(factory=KeyedLocks, init=False)

@@ -22,6 +22,7 @@ import attrs
 import trio
 from sortedcontainers import SortedKeyList
 
+from fategen.store.events import EventFeed
 from fategen.store.locks import KeyedLocks
 from fategen.store.model import Job, JobStatus, JobView, user_of
 from fategen.store.sqlite import JobDB
@@ -107,6 +108,8 @@ class JobStore:
         #: Called with the number of queued + processing jobs when it goes from 0 to more or
         #: back to 0 (not on every change: the watchdog only cares about idle vs busy).
         self.on_activity: Callable[[int], None] = lambda active: None
+        #: Every change a user would care about, for the event streams.
+        self.events = EventFeed()
         self._active = 0
         #: Jobs by status, and queued jobs by user: kept up to date on every change, so
         #: counting (the caps on each submit, activity on each write, /health) is O(1)
@@ -346,6 +349,8 @@ class JobStore:
     def _added(self, job: Job) -> None:
         self._hold(job)
         self._changed_now(job)
+        self.events.record("queued", job.id, job.key_name, job.nick)
+        self.events.queue_moved()
 
     async def update(
         self, job: Job, *, expect: Collection[JobStatus] | None = None, **changes: Any
@@ -376,6 +381,7 @@ class JobStore:
         """Make committed changes visible (in commit order), to the caller's job and to the
         one in memory if that is another object."""
         held = self._held_object(job.id)
+        before = (job if held is None else held).status
         if held is job and not changes.keys() & {"status", "idempotency_key"}:
             # Neither its counters nor its place in the queue change (the queue's index is
             # not told, so its order is not made again for, say, a job's `submitted`).
@@ -396,6 +402,21 @@ class JobStore:
         else:
             self._cold_writes += 1
         self._changed_now(job)
+        if job.status is not before:
+            self._record_transition(job, before)
+
+    def _record_transition(self, job: Job, before: JobStatus) -> None:
+        """The event of a change of status (one source: the change itself)."""
+        status = job.status
+        if status is JobStatus.PROCESSING:
+            kind = "started"
+        elif status is JobStatus.QUEUED:
+            kind = "queued"  # queued again: its backend lost it, or fategen restarted
+        else:
+            kind = status.value  # completed, failed, cancelled
+        self.events.record(kind, job.id, job.key_name, job.nick)
+        if JobStatus.QUEUED in (before, status):
+            self.events.queue_moved()
 
     async def cancel_queued(self, job: Job, by: str) -> bool:
         """Cancel a job that has not started (queued, dispatched or not): the one transition
@@ -412,6 +433,7 @@ class JobStore:
         """Progress is not persisted (it is meaningless after a restart)."""
         job.progress_value, job.progress_max = value, maximum
         self._wake(job.id, progress_only=True)
+        self.events.progress(job.id, job.key_name, job.nick, value, maximum)
 
     async def delete(self, job_ids: Collection[str]) -> None:
         """Delete jobs from disk (in one commit), then from memory; wakes their waiters."""
