@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -159,3 +160,47 @@ def ready_backend(name: str = "test", runnable: frozenset[str] | None = None) ->
     backend = Backend(BackendSpec(name, "http://127.0.0.1:1"), ReadySession(), IdleWatchdog(free))  # type: ignore[arg-type]
     backend.runnable = runnable
     return backend
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: records each POST; answers ``statuses`` in turn
+    (then 200)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.statuses: list[int] = []
+        self.arrived = trio.Event()
+        self.url = ""
+
+    @contextlib.asynccontextmanager
+    async def running(self, port: int = 0) -> AsyncIterator[Receiver]:
+        from hypercorn.config import Config
+        from hypercorn.trio import serve
+        from quart import request
+        from quart_trio import QuartTrio
+
+        app = QuartTrio(__name__)
+
+        @app.post("/hook")
+        async def hook() -> tuple[str, int]:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            self.received.append((headers, await request.get_data()))
+            self.arrived.set()
+            self.arrived = trio.Event()
+            return "", self.statuses.pop(0) if self.statuses else 200
+
+        config = Config()
+        config.bind = [f"127.0.0.1:{port}"]
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(functools.partial(serve, app, config))  # type: ignore[arg-type]
+            self.url = binds[0] + "/hook"
+            yield self
+            nursery.cancel_scope.cancel()
+
+    async def next(self) -> tuple[dict[str, str], Any]:
+        count = len(self.received)
+        with trio.fail_after(30):
+            while len(self.received) <= count:
+                await self.arrived.wait()
+        headers, body = self.received[count]
+        return headers, json.loads(body)

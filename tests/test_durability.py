@@ -383,3 +383,51 @@ async def test_random_kills_under_submit_bursts_lose_fail_and_repeat_nothing(
     expected = {f"{i}.webp" for i, d in done.items() if d["status"] == "completed"}
     assert {p.name for p in output.iterdir()} == expected, "no partial or orphan files"
     assert "Traceback" not in log
+
+
+async def test_a_webhook_is_delivered_after_a_kill_in_between(tmp_path: Path) -> None:
+    """The job ends while its webhook's receiver is down; fategen is killed (SIGKILL) before
+    the delivery succeeds; the receiver comes up; after the restart the delivery arrives,
+    signed, exactly once (the outbox was committed with the job's end)."""
+    import base64
+
+    from standardwebhooks.webhooks import Webhook
+
+    from conftest import Receiver
+
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    port = free_port()
+    knobs = SimulatorKnobs(step_seconds=0.002, model_load_seconds=0.0)
+    async with open_setup(
+        tmp_path, knobs, FATEGEN_WEBHOOK_SECRET=secret, FATEGEN_WEBHOOK_ALLOW_PRIVATE="1"
+    ) as (_, service):
+        await service.start()
+        hook = f"http://127.0.0.1:{port}/hook"
+        async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+            r = await client.post(
+                "/request", json={"message": f"kept {JOB}", "nick": "kim", "webhook_url": hook}
+            )
+            assert r.status_code == 200, r.text
+            job_id = r.json()["job_id"]
+        assert (await wait_done(service.url, job_id))["status"] == "completed"
+        with trio.fail_after(10):
+            while True:  # the first attempt failed: nobody listens on the port yet
+                hooks = (await job(service.url, job_id))["webhooks"]
+                if hooks and hooks[0]["attempts"] >= 1:
+                    break
+                await trio.sleep(0.05)
+        assert hooks[0]["state"] == "pending" and "could not be reached" in hooks[0]["last_error"]
+        await service.kill()
+        async with Receiver().running(port) as receiver:
+            await service.start()
+            headers, payload = await receiver.next()
+            assert payload["type"] == "job.completed" and payload["data"]["job_id"] == job_id
+            assert Webhook(secret).verify(receiver.received[0][1], headers)["type"] == (
+                "job.completed"
+            )
+            with trio.fail_after(10):
+                # Another process: polling over HTTP is the only way to watch it.
+                while (await job(service.url, job_id))["webhooks"][0]["state"] != "delivered":  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            assert len(receiver.received) == 1

@@ -112,6 +112,14 @@ EVERY_VARIABLE: list[tuple[str, str, str, Any]] = [
     ("FATEGEN_ADMIN_KEYS", KEY_B, "admin_keys", frozenset({KEY_B})),
     ("FATEGEN_PUBLIC_URL", " https://img.example.org/ ", "public_url", "https://img.example.org"),
     ("FATEGEN_MAX_STREAMS", "50", "max_streams", 50),
+    ("FATEGEN_WEBHOOK_SECRET", "whsec_" + "A" * 44, "webhook_secret", "whsec_" + "A" * 44),
+    (
+        "FATEGEN_KEY_WEBHOOKS",
+        "ircbot=https://bot.example.org/hook;secret=whsec_" + "B" * 44 + ",other=",
+        "key_webhooks",
+        (("ircbot", "https://bot.example.org/hook", "whsec_" + "B" * 44), ("other", "", "")),
+    ),
+    ("FATEGEN_WEBHOOK_ALLOW_PRIVATE", "1", "webhook_allow_private", True),
     ("FATEGEN_EVENTS_HEARTBEAT", "2.5", "events_heartbeat", 2.5),
 ]
 
@@ -176,6 +184,7 @@ def test_home_is_expanded_in_paths(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 BAD_VALUES = [
+    ("FATEGEN_WEBHOOK_ALLOW_PRIVATE", "maybe"),
     ("COMFYUI_PORT", "abc"),
     ("COMFYUI_PORT", "70000"),
     ("COMFYUI_PORT", "0"),
@@ -629,3 +638,42 @@ def test_the_scaffold_has_every_variable_and_explains_the_fleet() -> None:
     (example,) = [n for n in NOTES["COMFYUI_BACKENDS"] if n.startswith("COMFYUI_BACKENDS=")]
     values = {k: v for k, v in dotenv_values(stream=io.StringIO(example)).items() if v}
     assert [s.name for s in Settings.from_env(values).backends] == ["gpu0", "gpu1"]
+
+
+def test_fategen_settings_never_prints_a_webhook_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fategen.cli import print_settings
+
+    for name in [n for n in os.environ if n.startswith(PREFIXES)]:
+        monkeypatch.delenv(name)
+    secret = "whsec_" + "Q" * 44
+    monkeypatch.setenv("FATEGEN_WEBHOOK_SECRET", secret)
+    monkeypatch.setenv("FATEGEN_KEY_WEBHOOKS", f"bot=https://bot.example.org/h;secret={secret}")
+    assert print_settings(tmp_path / ".env", False) == 0
+    out = capsys.readouterr().out
+    assert "FATEGEN_WEBHOOK_SECRET=<set>" in out
+    assert "FATEGEN_KEY_WEBHOOKS=bot=https://bot.example.org/h;secret=***" in out
+    assert "Q" * 44 not in out
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "part"),
+    [
+        ("FATEGEN_WEBHOOK_SECRET", "not-base64!", "whsec_ and the base64"),
+        ("FATEGEN_WEBHOOK_SECRET", "whsec_c2hvcnQ=", "24 to 64 random bytes"),
+        ("FATEGEN_KEY_WEBHOOKS", "ircbot", "entry 1 is not keyname=URL"),
+        ("FATEGEN_KEY_WEBHOOKS", "ircbot=ftp://x", "does not start with http://"),
+        ("FATEGEN_KEY_WEBHOOKS", "ircbot=https://x;token=y", "not secret="),
+        ("FATEGEN_KEY_WEBHOOKS", "ircbot=https://x;secret=whsec_c2hvcnQ=", "24 to 64"),
+    ],
+)
+def test_a_bad_webhook_setting_is_one_sentence_without_the_secret(
+    variable: str, raw: str, part: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: raw})
+    message = str(caught.value)
+    _one_sentence(message)
+    assert message.startswith(variable) and part in message
+    assert "c2hvcnQ" not in message and "not-base64" not in message

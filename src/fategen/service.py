@@ -20,6 +20,7 @@ import resource
 import socket
 import sqlite3
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -43,6 +44,7 @@ from fategen.errors import ConfigError
 from fategen.queue.fleet import Backend, Fleet, run_backend
 from fategen.queue.postprocess import Fetch, PostProcessor, remove_partial_results
 from fategen.queue.scheduler import Scheduler, WorkRequest, requeue_interrupted
+from fategen.queue.webhooks import WebhookSender
 from fategen.queue.worker import ComfyWorker
 from fategen.settings import Settings
 from fategen.store.jobs import Job, JobStore
@@ -158,6 +160,7 @@ class Service:
     db: JobDB
     config: ModelConfig
     templates: dict[str, WorkflowTemplate]
+    webhooks: WebhookSender
     #: Set once `run_actors` has returned (or failed).
     stopped: trio.Event = attrs.field(factory=trio.Event)
 
@@ -208,6 +211,7 @@ class Service:
                 async with trio.open_nursery() as nursery:
                     await self._recover()
                     await nursery.start(self.post.run)
+                    await nursery.start(self.webhooks.run)
                     await nursery.start(self.scheduler.run)
                     for backend in self.fleet:
                         await nursery.start(
@@ -376,6 +380,17 @@ def build_service(settings: Settings) -> Service:
         idempotency_ttl=settings.idempotency_hours * 3600,
         availability=fleet.availability,
     )
+    webhook_http = httpx.AsyncClient(
+        timeout=httpx.Timeout(15.0), follow_redirects=False, trust_env=False
+    )
+    clients.append(webhook_http)
+    secret_for = _webhook_secrets(settings)
+    webhooks = WebhookSender(
+        store, webhook_http, secret_for, allow_private=settings.webhook_allow_private
+    )
+    desk.webhook_defaults = {key: url for key, url, _ in settings.key_webhooks if url}
+    desk.webhook_signer = lambda key: secret_for(key) is not None
+    desk.webhook_allow_private = settings.webhook_allow_private
     app = create_app(desk, settings, first.spec.url)
     return Service(
         settings,
@@ -390,7 +405,20 @@ def build_service(settings: Settings) -> Service:
         db,
         config,
         templates,
+        webhooks,
     )
+
+
+def _webhook_secrets(settings: Settings) -> Callable[[str | None], str | None]:
+    """The signing secret of an API key's webhooks: its own, else the service's (None: it
+    cannot send webhooks)."""
+    own = {key: secret for key, _, secret in settings.key_webhooks if secret}
+    default = settings.webhook_secret or None
+
+    def secret_for(key: str | None) -> str | None:
+        return own.get(key, default) if key is not None else default
+
+    return secret_for
 
 
 def _client_for(settings: Settings, spec: BackendSpec) -> httpx.AsyncClient:
@@ -530,6 +558,8 @@ async def run_service(
             ", ".join(f"{b.name}={b.url}" for b in settings.backends),
         )
         log_setup(settings)
+        # Links in webhook payloads: the public URL, or where the service listens.
+        service.store.public_base = settings.public_url or urls[0]
         task_status.started(Running(urls, service))
         await shutdown.wait()
         # Answer long-polls first, or they hold hypercorn's graceful shutdown.

@@ -322,8 +322,89 @@ def describe_backends(backends: tuple[BackendSpec, ...]) -> str:
     return ",".join(entries)
 
 
+def _flag(name: str) -> Callable[[Any], bool]:
+    def convert(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("", "0", "false", "no", "off"):
+            return False
+        raise _bad(name, str(value), "expected 1 or 0")
+
+    return convert
+
+
+def _webhook_secret(name: str) -> Callable[[Any], str]:
+    """A Standard Webhooks secret: ``whsec_`` and base64 of 24 to 64 bytes (never echoed)."""
+
+    def convert(value: Any) -> str:
+        text = str(value).strip()
+        if not text:
+            return ""
+        import base64
+        import binascii
+
+        body = text.removeprefix("whsec_")
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if not 24 <= len(raw) <= 64:
+            raise ConfigError(
+                f"{name} is invalid: expected whsec_ and the base64 of 24 to 64 random bytes "
+                '(python -c \'import base64,os; print("whsec_" + '
+                "base64.b64encode(os.urandom(32)).decode())')"
+            )
+        return text
+
+    return convert
+
+
+def _key_webhooks(name: str) -> Callable[[Any], tuple[tuple[str, str, str], ...]]:
+    """``keyname=URL[;secret=whsec_...]`` entries: each API key's default webhook URL and its
+    own signing secret (the URL may be empty: a secret only)."""
+
+    def convert(value: Any) -> tuple[tuple[str, str, str], ...]:
+        if isinstance(value, tuple):
+            return value
+        entries = [e.strip() for e in str(value).split(",") if e.strip()]
+        result: list[tuple[str, str, str]] = []
+        for number, entry in enumerate(entries, start=1):
+            head, *options = entry.split(";")
+            key, sep, url = head.partition("=")
+            key, url = key.strip(), url.strip()
+            if not sep or not _KEY_NAME.fullmatch(key):
+                raise ConfigError(
+                    f"{name} is invalid: entry {number} is not keyname=URL (a key name is 1 to "
+                    "32 letters, digits, '.', '_' or '-')"
+                )
+            if url and not url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"{name} is invalid: entry {number} ({key!r}) has a URL that does not "
+                    "start with http:// or https://"
+                )
+            secret = ""
+            for option in options:
+                option_name, _, option_value = option.strip().partition("=")
+                if option_name != "secret":
+                    raise ConfigError(
+                        f"{name} is invalid: entry {number} ({key!r}) has an option that is "
+                        "not secret="
+                    )
+                secret = _webhook_secret(f"{name} entry {number} ({key!r})")(option_value)
+            result.append((key, url, secret))
+        return tuple(result)
+
+    return convert
+
+
 #: Every variable a setting reads (filled in by `_v` as the class below is defined).
 KNOWN_VARIABLES: set[str] = set()
+#: Read by the client commands (``fategen submit``, ``status``...), never by the service:
+#: allowed in the environment, still refused in the service's ``.env`` file.
+CLIENT_VARIABLES = frozenset({"FATEGEN_URL", "FATEGEN_KEY"})
 #: Variables with these prefixes are fategen's: one that is not known is a typo.
 PREFIXES = ("FATEGEN_", "COMFYUI_")
 
@@ -338,6 +419,8 @@ def _check_names(names: Mapping[str, str], dotenv: Path | None, from_file: set[s
     ``FATEGEN_API_KEYS`` must not silently turn authentication off)."""
     for name in sorted(names):
         if not name.startswith(PREFIXES) or name in KNOWN_VARIABLES:
+            continue
+        if name in CLIENT_VARIABLES and name not in from_file:
             continue
         hint = ""
         # Compared without the shared prefix, which would make every name look alike.
@@ -469,6 +552,19 @@ class Settings:
     #: trusted (0: none; then the headers are ignored, so a client cannot forge them).
     trusted_proxy_hops: int = _v(
         "FATEGEN_TRUSTED_PROXY_HOPS", 0, _integer("FATEGEN_TRUSTED_PROXY_HOPS", low=0, high=10)
+    )
+    #: The secret webhooks are signed with (Standard Webhooks: ``whsec_`` + base64); empty:
+    #: webhooks are refused unless the API key has its own (``FATEGEN_KEY_WEBHOOKS``).
+    webhook_secret: str = _v(
+        "FATEGEN_WEBHOOK_SECRET", "", _webhook_secret("FATEGEN_WEBHOOK_SECRET")
+    )
+    #: Per API key: its default webhook URL and its own secret, ``name=URL;secret=whsec_...``.
+    key_webhooks: tuple[tuple[str, str, str], ...] = _v(
+        "FATEGEN_KEY_WEBHOOKS", "", _key_webhooks("FATEGEN_KEY_WEBHOOKS")
+    )
+    #: Allow webhook URLs on loopback, private and link-local addresses (tests, a LAN bot).
+    webhook_allow_private: bool = _v(
+        "FATEGEN_WEBHOOK_ALLOW_PRIVATE", "0", _flag("FATEGEN_WEBHOOK_ALLOW_PRIVATE")
     )
     #: Event streams (Server-Sent Events) open at once; past it, 429.
     max_streams: int = _v("FATEGEN_MAX_STREAMS", 1000, _integer("FATEGEN_MAX_STREAMS", low=1))

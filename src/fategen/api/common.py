@@ -12,7 +12,7 @@ import attrs
 from quart import Response, current_app, g, has_request_context, request
 
 from fategen.api.frontdesk import Frontdesk, Refused
-from fategen.api.schemas import JobResponse, Progress
+from fategen.api.schemas import JobResponse, Progress, WebhookInfo
 from fategen.settings import Settings
 from fategen.store.jobs import JobView
 
@@ -103,4 +103,16 @@ def job_response(view: JobView) -> JobResponse:
         cancelled_by=view.cancelled_by,
         key=view.key_name,
         backend=view.backend,
+        webhooks=[
+            WebhookInfo(
+                id=d.id,
+                event=d.event,
+                state=d.state,
+                attempts=d.attempts,
+                next_attempt=iso(d.next_at) if d.state == "pending" else None,
+                last_status=d.last_status,
+                last_error=d.last_error,
+            )
+            for d in view.webhooks
+        ],
     )

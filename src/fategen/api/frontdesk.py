@@ -11,7 +11,7 @@ import logging
 import random
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
@@ -24,6 +24,7 @@ from fategen.core.workflow import WorkflowTemplate, build_workflow
 from fategen.errors import FategenError
 from fategen.queue.fleet import BackendView
 from fategen.queue.scheduler import Scheduler
+from fategen.queue.webhooks import webhook_refusal
 from fategen.store.jobs import Job, JobStatus, JobStore, JobView
 from fategen.store.locks import KeyedLocks
 from fategen.store.model import user_of
@@ -102,6 +103,11 @@ class Frontdesk:
     stopping: bool = False
     #: Event streams open now (`fategen.api.events`).
     open_streams: int = 0
+    #: Webhooks: each API key's default URL (None: keys off), whether a key has a secret
+    #: to sign with, and whether private addresses may be called.
+    webhook_defaults: Mapping[str | None, str] = attrs.field(factory=dict)
+    webhook_signer: Callable[[str | None], bool] = lambda key: False
+    webhook_allow_private: bool = False
     #: Submissions with one Idempotency-Key follow each other (the second finds the first);
     #: others do not wait for each other, so their jobs share one commit.
     _key_locks: KeyedLocks[tuple[str, str]] = attrs.field(factory=KeyedLocks, init=False)
@@ -138,6 +144,8 @@ class Frontdesk:
         *,
         idempotency_key: str | None = None,
         key_name: str | None = None,
+        webhook_url: str | None = None,
+        webhook_started: bool = False,
     ) -> tuple[JobView, bool]:
         """Queue a job; it is on disk before this returns. Returns its view, and whether it
         is an earlier job replayed for the same Idempotency-Key.
@@ -157,8 +165,9 @@ class Frontdesk:
             if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
                 raise Refused(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
         request = self.parse(message)
+        hook = await self._webhook(webhook_url, key_name)
         if idempotency_key is None:
-            job = await self._add(nick, message, request, None, key_name)
+            job = await self._add(nick, message, request, None, key_name, hook, webhook_started)
         else:
             async with self._key_locks.hold((user_of(key_name, nick), idempotency_key)):
                 earlier = await self.store.by_idempotency_key(
@@ -174,7 +183,9 @@ class Frontdesk:
                             422,
                         )
                     return self.store.view_of(earlier), True
-                job = await self._add(nick, message, request, idempotency_key, key_name)
+                job = await self._add(
+                    nick, message, request, idempotency_key, key_name, hook, webhook_started
+                )
         self.scheduler.wake()
         view = self.store.view_of(job)
         log.info(
@@ -198,6 +209,8 @@ class Frontdesk:
         request: GenerationRequest,
         idempotency_key: str | None,
         key_name: str | None,
+        webhook_url: str | None = None,
+        webhook_started: bool = False,
     ) -> Job:
         """Check the caps and add the job; on disk when this returns. The check and the
         reservation happen at once (no checkpoint between), and jobs on their way to the
@@ -230,6 +243,8 @@ class Frontdesk:
             request=request,
             idempotency_key=idempotency_key,
             key_name=key_name,
+            webhook_url=webhook_url,
+            webhook_started=webhook_started and webhook_url is not None,
         )
         self._adding_total += 1
         self._adding[user] += 1
@@ -241,6 +256,25 @@ class Frontdesk:
             if not self._adding[user]:
                 del self._adding[user]
         return job
+
+    async def _webhook(self, url: str | None, key_name: str | None) -> str | None:
+        """The job's webhook URL (the request's, or its API key's default), checked: a URL
+        whose host resolves to a loopback, private or link-local address is refused.
+
+        Raises:
+            Refused: a bad URL, or webhooks are off (no secret to sign with).
+        """
+        url = url.strip() if url else self.webhook_defaults.get(key_name) or None
+        if url is None:
+            return None
+        if not self.webhook_signer(key_name):
+            raise Refused(
+                "webhooks are off on this service (the operator set no FATEGEN_WEBHOOK_SECRET)"
+            )
+        refusal = await webhook_refusal(url, allow_private=self.webhook_allow_private)
+        if refusal is not None:
+            raise Refused(refusal)
+        return url
 
     async def view(self, job_id: str) -> JobView | None:
         """A snapshot of the job (a finished one may be read from disk); None if unknown."""

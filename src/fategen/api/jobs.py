@@ -58,6 +58,8 @@ async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, st
         data.message,
         idempotency_key=request.headers.get("Idempotency-Key"),
         key_name=None if who is None else who.key,
+        webhook_url=data.webhook_url,
+        webhook_started=data.webhook_started,
     )
     return (
         SubmitResponse(

@@ -35,6 +35,29 @@ class SubmitRequest:
         ),
     ]
     nick: Annotated[str, _d("Who asked: the user's nick on the chat network.", "alice")]
+    webhook_url: Annotated[
+        str | None,
+        _d(
+            "Where to POST the job's final state, signed per Standard Webhooks (default: the "
+            "API key's webhook, if the operator set one). Loopback, private and link-local "
+            "hosts are refused.",
+            "https://bot.example.org/fategen-hook",
+        ),
+    ] = None
+    webhook_started: Annotated[
+        bool, _d("Also POST when the job starts (event job.started).", False)
+    ] = False
+
+
+@attrs.frozen
+class WebhookInfo:
+    id: Annotated[str, _d("The delivery's id (its webhook-id header).", "msg_2f0c...")]
+    event: Annotated[str, _d("job.started, job.completed, job.failed or job.cancelled.")]
+    state: Annotated[str, _d("pending, delivered or failed (after the last retry).")]
+    attempts: Annotated[int, _d("Attempts made so far.")]
+    next_attempt: Annotated[str | None, _d("When the next attempt is due (ISO 8601, UTC).")]
+    last_status: Annotated[int | None, _d("The HTTP status of the last attempt.")]
+    last_error: Annotated[str | None, _d("Why the last attempt failed, in one sentence.")]
 
 
 @attrs.frozen
@@ -108,6 +131,9 @@ class JobResponse:
         str | None,
         _d("The ComfyUI backend it was last sent to (see /backends); null before that.", "gpu0"),
     ] = None
+    webhooks: Annotated[
+        list[WebhookInfo], _d("Its webhook deliveries and their state, oldest first.")
+    ] = attrs.field(factory=list)
 
 
 @attrs.frozen

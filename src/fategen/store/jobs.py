@@ -12,8 +12,10 @@ jobs used last (finished, or read), and is read from SQLite when asked for after
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,10 +24,11 @@ import attrs
 import trio
 from sortedcontainers import SortedKeyList
 
+from fategen.core.webhooks import DeliveryState
 from fategen.store.events import EventFeed
 from fategen.store.locks import KeyedLocks
-from fategen.store.model import Job, JobStatus, JobView, user_of
-from fategen.store.sqlite import JobDB
+from fategen.store.model import Job, JobStatus, JobView, job_payload, user_of
+from fategen.store.sqlite import JobDB, Outgoing
 from fategen.store.waiters import JobWaiters
 
 __all__ = [
@@ -44,6 +47,8 @@ log = logging.getLogger("fategen.jobs")
 #: How many finished jobs the store keeps in memory (those finished or read last); the others
 #: are read from SQLite when asked for.
 RECENT_FINISHED = 1000
+#: Jobs whose webhook delivery states are kept in memory (the others are read from disk).
+DELIVERIES_HELD = 4096
 
 
 class QueueIndex(Protocol):
@@ -110,6 +115,15 @@ class JobStore:
         self.on_activity: Callable[[int], None] = lambda active: None
         #: Every change a user would care about, for the event streams.
         self.events = EventFeed()
+        #: The base URL of links in webhook payloads (the service's public URL).
+        self.public_base = ""
+        #: The wall clock of the outbox's times (tests give trio's mock clock).
+        self.clock: Callable[[], float] = time.time
+        #: Webhook delivery states by job (the last `DELIVERIES_HELD` jobs'; others on disk).
+        self._deliveries: collections.OrderedDict[str, list[DeliveryState]] = (
+            collections.OrderedDict()
+        )
+        self._deliveries_due = trio.lowlevel.ParkingLot()
         self._active = 0
         #: Jobs by status, and queued jobs by user: kept up to date on every change, so
         #: counting (the caps on each submit, activity on each write, /health) is O(1)
@@ -165,7 +179,12 @@ class JobStore:
     async def view(self, job_id: str) -> JobView | None:
         """A snapshot of the job (read from SQLite if it is not held); None if there is none."""
         job = await self.get(job_id)
-        return None if job is None else self.view_of(job)
+        if job is None:
+            return None
+        if job.webhook_url is not None and job.id not in self._deliveries:
+            for state in await self._db.run(self._db.deliveries_of, job.id):
+                self._note_delivery(state)
+        return self.view_of(job)
 
     def view_of(self, job: Job) -> JobView:
         """A snapshot of a job the caller has (one it just added, say), at once."""
@@ -252,6 +271,7 @@ class JobStore:
             cancelled_by=job.cancelled_by,
             key_name=job.key_name,
             backend=job.backend,
+            webhooks=tuple(self._deliveries.get(job.id, ())),
         )
 
     def use_index(self, index: QueueIndex) -> None:
@@ -374,12 +394,88 @@ class JobStore:
             # Built under the lock: a concurrent update of the same job must not be
             # overwritten on disk by a copy taken before it was applied.
             candidate = attrs.evolve(base, **changes)
-            await self._db.write(self._db.save, candidate, then=lambda: self._apply(job, changes))
+            outgoing = self._deliveries_for(base, candidate)
+            if outgoing:
+                # The deliveries telling of the change commit with it: a crash loses none.
+                await self._db.write(
+                    self._db.save_with_deliveries,
+                    candidate,
+                    outgoing,
+                    then=lambda: self._apply(job, changes, outgoing),
+                )
+            else:
+                await self._db.write(
+                    self._db.save, candidate, then=lambda: self._apply(job, changes)
+                )
         return True
 
-    def _apply(self, job: Job, changes: dict[str, Any]) -> None:
+    def _deliveries_for(self, before: Job, after: Job) -> list[Outgoing]:
+        """The webhook deliveries a change of status makes (its end; its start if asked)."""
+        if after.webhook_url is None or after.status is before.status:
+            return []
+        if after.status.finished:
+            event = f"job.{after.status.value}"
+        elif after.status is JobStatus.PROCESSING and after.webhook_started:
+            if any(d.event == "job.started" for d in self._deliveries.get(after.id, ())):
+                return []  # once, not again when it runs again after a loss
+            event = "job.started"
+        else:
+            return []
+        state = DeliveryState(
+            id=f"msg_{uuid.uuid4().hex}",
+            job_id=after.id,
+            event=event,
+            url=after.webhook_url,
+            state="pending",
+            attempts=0,
+            next_at=self.clock(),
+        )
+        body = json.dumps(job_payload(after, event, self.public_base), ensure_ascii=False)
+        return [Outgoing(state, after.key_name, body)]
+
+    def _queued_deliveries(self, outgoing: list[Outgoing]) -> None:
+        for delivery in outgoing:
+            self._note_delivery(delivery.state)
+        self._deliveries_due.unpark_all()
+
+    def _note_delivery(self, state: DeliveryState) -> None:
+        """Keep a delivery's state for the job's view (the jobs of the last few thousand)."""
+        states = self._deliveries.setdefault(state.job_id, [])
+        for index, known in enumerate(states):
+            if known.id == state.id:
+                states[index] = state
+                break
+        else:
+            states.append(state)
+        self._deliveries.move_to_end(state.job_id)
+        while len(self._deliveries) > DELIVERIES_HELD:
+            self._deliveries.popitem(last=False)
+
+    # -- webhook deliveries (the outbox) ---------------------------------------------------
+    async def due_deliveries(self, before: float, limit: int) -> list[Outgoing]:
+        """Pending deliveries due before ``before`` (wall clock), soonest first."""
+        return await self._db.run(self._db.due_deliveries, before, limit)
+
+    async def next_delivery_due(self) -> float | None:
+        return await self._db.run(self._db.next_due)
+
+    async def record_attempt(self, state: DeliveryState) -> None:
+        """A delivery's attempt (on disk first), and what is next."""
+        await self._db.run(self._db.record_attempt, state)
+        self._note_delivery(state)
+        self._deliveries_due.unpark_all()  # the sender's next wake-up may have moved
+
+    async def wait_deliveries(self) -> None:
+        """Until a delivery is queued or its attempt recorded."""
+        await self._deliveries_due.park()
+
+    def _apply(
+        self, job: Job, changes: dict[str, Any], outgoing: list[Outgoing] | None = None
+    ) -> None:
         """Make committed changes visible (in commit order), to the caller's job and to the
-        one in memory if that is another object."""
+        one in memory if that is another object; and the webhook deliveries they made."""
+        if outgoing:
+            self._queued_deliveries(outgoing)
         held = self._held_object(job.id)
         before = (job if held is None else held).status
         if held is job and not changes.keys() & {"status", "idempotency_key"}:

@@ -15,6 +15,7 @@ import attrs
 import cattrs
 
 from fategen.core.prompt import GenerationRequest
+from fategen.core.webhooks import DeliveryState
 
 
 def user_of(key_name: str | None, nick: str) -> str:
@@ -96,6 +97,9 @@ class Job:
     backend: str | None = attrs.field(default=None, converter=_interned_or_none)
     #: How many times in a row a backend lost the job while it ran (it died, or went away).
     losses: int = 0
+    #: Where its end (and with ``webhook_started`` its start) is POSTed, signed.
+    webhook_url: str | None = None
+    webhook_started: bool = False
 
     @property
     def model(self) -> str:
@@ -146,6 +150,8 @@ class JobView:
     cancelled_by: str | None
     key_name: str | None = None
     backend: str | None = None
+    #: Its webhook deliveries, oldest first.
+    webhooks: tuple[DeliveryState, ...] = ()
 
 
 #: The one converter for jobs: a job is stored as this JSON (the ``body`` column).
@@ -169,3 +175,43 @@ def job_to_row(job: Job) -> tuple[Any, ...]:
 def job_from_body(body: str) -> Job:
     """The job stored as ``body`` (the last column of `job_to_row`)."""
     return _converter.structure(json.loads(body), Job)
+
+
+def job_payload(job: Job, event: str, base_url: str) -> dict[str, Any]:
+    """The body of a webhook delivery telling of ``event`` (Standard Webhooks' shape: a
+    ``type``, a ``timestamp`` and the job as ``data``)."""
+    request = job.request
+    image_url = f"{base_url}/job/{job.id}/image" if job.result is not None and base_url else None
+    return {
+        "type": event,
+        "timestamp": _iso(time.time()),
+        "data": {
+            "job_id": job.id,
+            "status": job.status.value,
+            "nick": job.nick,
+            "key": job.key_name,
+            "prompt": request.prompt,
+            "negative": request.negative,
+            "model": request.model,
+            "width": request.width,
+            "height": request.height,
+            "count": request.count,
+            "seed": request.seed,
+            "error": job.error,
+            "cancelled_by": job.cancelled_by,
+            "image_url": image_url,
+            "job_url": f"{base_url}/job/{job.id}" if base_url else None,
+            "created": _iso(job.created),
+            "started": _iso(job.first_started or job.started),
+            "finished": _iso(job.finished),
+            "backend": job.backend,
+        },
+    }
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")

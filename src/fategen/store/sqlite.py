@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from fategen.core.webhooks import DeliveryState
 from fategen.errors import ConfigError
 from fategen.store.model import FINISHED_STATUSES, Job, JobStatus, job_from_body, job_to_row
 
@@ -31,7 +32,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("fategen.db")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 MIGRATIONS: dict[int, str] = {
     # version -> SQL that brings a database at version-1 up to it.
@@ -66,7 +67,45 @@ MIGRATIONS: dict[int, str] = {
     4: """
     CREATE INDEX jobs_finished ON jobs (finished) WHERE finished IS NOT NULL;
     """,
+    # The webhook outbox: a delivery is written in the same commit as the job change it
+    # tells of, so a crash loses none; the pending ones are found by when they are due.
+    5: """
+    CREATE TABLE deliveries (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        url TEXT NOT NULL,
+        key_name TEXT,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        next_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        delivered REAL
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+    CREATE INDEX deliveries_job ON deliveries (job_id);
+    """,
 }
+
+_DELIVERY_COLUMNS = (
+    "id, job_id, event, url, state, attempts, next_at, last_status, last_error, delivered"
+)
+
+
+def _delivery(row: tuple[Any, ...]) -> DeliveryState:
+    return DeliveryState(*row)
+
+
+@attrs.frozen
+class Outgoing:
+    """A delivery with what it sends: its state, the key it belongs to, and its JSON body."""
+
+    state: DeliveryState
+    key_name: str | None
+    payload: str
+
 
 #: The statuses of finished jobs, as SQL (``status IN (...)``).
 _FINISHED_SQL = ", ".join(f"'{status.value}'" for status in FINISHED_STATUSES)
@@ -296,7 +335,68 @@ class JobDB:
         )
 
     def delete(self, job_ids: list[str]) -> None:
-        self._conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
+        ids = [(i,) for i in job_ids]
+        self._conn.executemany("DELETE FROM jobs WHERE id = ?", ids)
+        self._conn.executemany("DELETE FROM deliveries WHERE job_id = ?", ids)
+
+    def save_with_deliveries(self, job: Job, deliveries: list[Outgoing]) -> None:
+        """The job's change and the webhook deliveries telling of it, in one transaction."""
+        self.save(job)
+        self._conn.executemany(
+            "INSERT INTO deliveries (id, job_id, event, url, key_name, payload, state,"
+            " attempts, next_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
+            [
+                (
+                    d.state.id,
+                    d.state.job_id,
+                    d.state.event,
+                    d.state.url,
+                    d.key_name,
+                    d.payload,
+                    d.state.next_at,
+                )
+                for d in deliveries
+            ],
+        )
+
+    def record_attempt(self, state: DeliveryState) -> None:
+        """A delivery's attempt and what is next (autocommit: run it through `run`)."""
+        self._conn.execute(
+            "UPDATE deliveries SET state = ?, attempts = ?, next_at = ?, last_status = ?,"
+            " last_error = ?, delivered = ? WHERE id = ?",
+            (
+                state.state,
+                state.attempts,
+                state.next_at,
+                state.last_status,
+                state.last_error,
+                state.delivered,
+                state.id,
+            ),
+        )
+
+    def deliveries_of(self, job_id: str) -> list[DeliveryState]:
+        rows = self._conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE job_id = ? ORDER BY rowid",
+            (job_id,),
+        ).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def due_deliveries(self, before: float, limit: int) -> list[Outgoing]:
+        """Pending deliveries due before ``before``, soonest first (an index range)."""
+        rows = self._conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS}, key_name, payload FROM deliveries"
+            " WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?",
+            (before, limit),
+        ).fetchall()
+        return [Outgoing(_delivery(row[:10]), row[10], row[11]) for row in rows]
+
+    def next_due(self) -> float | None:
+        """When the soonest pending delivery is due (None: none is pending)."""
+        row = self._conn.execute(
+            "SELECT min(next_at) FROM deliveries WHERE state = 'pending'"
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def get_meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -1,0 +1,93 @@
+"""Webhooks, the pure part: which URLs may be called, when a failed delivery is tried again,
+and what a delivery carries (pure: no I/O; resolving and sending are in
+`fategen.queue.webhooks`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import attrs
+
+#: Seconds after the event of each attempt, as Svix does: at once, 5 s, 5 min, 30 min, 2 h,
+#: 5 h, 10 h, 10 h (offsets from the previous attempt).
+RETRY_SCHEDULE: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+#: An attempt must be answered (2xx) within this many seconds to count.
+ATTEMPT_TIMEOUT = 15.0
+#: The longest webhook URL taken.
+MAX_URL = 2000
+#: Events a job's webhook may get: its end (always), and optionally its start.
+FINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
+
+
+@attrs.frozen
+class DeliveryState:
+    """One webhook delivery of one job event, as the job shows it."""
+
+    id: str
+    job_id: str
+    event: str
+    url: str
+    state: str  # pending, delivered, failed
+    attempts: int
+    next_at: float | None
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered: float | None = None
+
+
+def next_attempt(attempts: int, now: float) -> float | None:
+    """When to try again after ``attempts`` failed attempts (None: give up)."""
+    if attempts >= len(RETRY_SCHEDULE):
+        return None
+    return now + RETRY_SCHEDULE[attempts]
+
+
+def url_refusal(url: str) -> str | None:
+    """Why ``url`` cannot be a webhook URL (one sentence), before any look-up; None if it
+    may be."""
+    if len(url) > MAX_URL:
+        return f"the webhook URL is longer than {MAX_URL} characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "the webhook URL is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "the webhook URL must start with http:// or https://"
+    if not parts.hostname:
+        return "the webhook URL has no host"
+    if parts.username is not None or parts.password is not None:
+        return "the webhook URL must not hold a user name or password"
+    if port == 0:
+        return "the webhook URL's port must be from 1 to 65535"
+    return None
+
+
+def address_refusal(host: str, addresses: Iterable[str]) -> str | None:
+    """Why a webhook to ``host``, which resolves to ``addresses``, is refused: any loopback,
+    private, link-local, multicast, reserved or unspecified address (a bot must not make
+    fategen call into the operator's network). None if every address is public."""
+    found = False
+    for text in addresses:
+        found = True
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if (
+            address.is_loopback
+            or address.is_private
+            or address.is_link_local
+            or address.is_multicast
+            or address.is_reserved
+            or address.is_unspecified
+            or not address.is_global
+        ):
+            return (
+                f"the webhook host {host!r} resolves to {address}, a loopback, private or "
+                "link-local address, which fategen does not call"
+            )
+    if not found:
+        return f"the webhook host {host!r} does not resolve"
+    return None
