@@ -294,11 +294,14 @@ class FairQueue:
             job, skipped = policy._choose(
                 turns(), None, policy._passed, now, wanted=lambda c: c not in elsewhere
             )
+        # What the replay made first, read before the job leaves the lists the replay may
+        # still share (stepping it after would read a user's list just emptied).
         predicted = self._replayed(now)
+        expected = predicted.first(self._shift) if predicted is not None else None
         policy.served(job, skipped, now)
         del self._jobs[job.id]
         self._remove(job)
-        if predicted is not None and predicted.first(self._shift) is job:
+        if expected is not None and expected is job:
             # The replay made this very pick first: the rest of its order still holds.
             self._shift += 1
             self._replay_until = policy.expiry()
