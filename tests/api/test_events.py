@@ -197,3 +197,39 @@ async def test_the_stream_of_one_key_has_its_jobs_only(tmp_path: Path) -> None:
             assert kinds[0] == "queued" and "started" in kinds and kinds[-1] == "completed"
         r = await stack.client.get("/events")
         assert r.status_code == 401
+
+
+async def test_previews_come_only_when_asked_for(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    knobs = SimulatorKnobs(step_seconds=0.15, model_load_seconds=0.01)
+    async with open_stack(tmp_path, knobs) as stack:
+        r = await stack.client.post(
+            "/request",
+            json={"message": f"a moth {TINY}", "nick": "pia", "previews": True},
+        )
+        job_id = r.json()["job_id"]
+        plain = (await stack.submit(f"a bee {TINY}", "pia"))["job_id"]
+        previews: list[dict[str, Any]] = []
+        fetched: list[httpx.Response] = []
+        with trio.fail_after(30):
+            async for event in sse(stack.client, f"/job/{job_id}/events"):
+                if event.get("event") == "preview":
+                    previews.append(event["data"])
+                    if not fetched:
+                        fetched.append(await stack.client.get(f"/job/{job_id}/preview"))
+                if event.get("event") == "completed":
+                    break
+            kinds = [e.get("event") async for e in sse(stack.client, f"/job/{plain}/events")]
+        assert previews, "a preview event"
+        head, _, encoded = previews[0]["image"].partition(",")
+        assert head == "data:image/jpeg;base64"
+        assert Image.open(io.BytesIO(base64.b64decode(encoded))).format == "JPEG"
+        assert fetched[0].status_code == 200
+        assert fetched[0].headers["content-type"] == "image/jpeg"
+        assert "preview" not in kinds
+        gone = await stack.client.get(f"/job/{job_id}/preview")
+        assert gone.status_code == 404 and "no preview now" in gone.json()["error"]

@@ -3,8 +3,10 @@
 
 A job's stream starts with a ``snapshot`` (the job as ``GET /job`` shows it), then sends an
 event for each change: ``queued`` (its place moved, or it was queued again), ``started``,
-``progress`` (a few a second at most), ``completed``, ``failed`` or ``cancelled``, after which
-it ends. Every event's data is the job as ``GET /job`` shows it at that moment. Each event has
+``progress`` (a few a second at most), ``preview`` (for a job submitted with ``previews``: the
+latest sampler preview as a ``data:`` URL, twice a second at most), ``completed``, ``failed``
+or ``cancelled``, after which it ends. Every other event's data is the job as ``GET /job``
+shows it at that moment. Each event has
 an id; a client that reconnects with ``Last-Event-ID`` gets the events it missed (or a fresh
 snapshot when they are no longer held). A comment line every ``FATEGEN_EVENTS_HEARTBEAT``
 seconds keeps proxies from closing an idle stream. Streams open at once are capped
@@ -16,6 +18,7 @@ stream wakes only for its own events and, while it is queued, when the queue mov
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,6 +45,20 @@ def _data(view: JobView) -> str:
 
 
 def _event(feed: EventFeed, event_id: int, kind: str, view: JobView) -> str:
+    if kind == "preview":
+        found = state().desk.store.preview(view.id)
+        if found is None:
+            return ""  # the job moved on since: its preview is gone
+        image, mime = found
+        data = json.dumps(
+            {
+                "job_id": view.id,
+                "image": f"data:{mime};base64,{base64.b64encode(image).decode()}",
+                "progress": {"step": view.progress_value, "of": view.progress_max},
+            },
+            separators=(",", ":"),
+        )
+        return f"id: {feed.event_id(event_id)}\nevent: preview\ndata: {data}\n\n"
     return f"id: {feed.event_id(event_id)}\nevent: {kind}\ndata: {_data(view)}\n\n"
 
 

@@ -146,6 +146,7 @@ class Frontdesk:
         key_name: str | None = None,
         webhook_url: str | None = None,
         webhook_started: bool = False,
+        previews: bool = False,
     ) -> tuple[JobView, bool]:
         """Queue a job; it is on disk before this returns. Returns its view, and whether it
         is an earlier job replayed for the same Idempotency-Key.
@@ -167,7 +168,9 @@ class Frontdesk:
         request = self.parse(message)
         hook = await self._webhook(webhook_url, key_name)
         if idempotency_key is None:
-            job = await self._add(nick, message, request, None, key_name, hook, webhook_started)
+            job = await self._add(
+                nick, message, request, None, key_name, hook, webhook_started, previews
+            )
         else:
             async with self._key_locks.hold((user_of(key_name, nick), idempotency_key)):
                 earlier = await self.store.by_idempotency_key(
@@ -184,7 +187,14 @@ class Frontdesk:
                         )
                     return self.store.view_of(earlier), True
                 job = await self._add(
-                    nick, message, request, idempotency_key, key_name, hook, webhook_started
+                    nick,
+                    message,
+                    request,
+                    idempotency_key,
+                    key_name,
+                    hook,
+                    webhook_started,
+                    previews,
                 )
         self.scheduler.wake()
         view = self.store.view_of(job)
@@ -211,6 +221,7 @@ class Frontdesk:
         key_name: str | None,
         webhook_url: str | None = None,
         webhook_started: bool = False,
+        previews: bool = False,
     ) -> Job:
         """Check the caps and add the job; on disk when this returns. The check and the
         reservation happen at once (no checkpoint between), and jobs on their way to the
@@ -245,6 +256,7 @@ class Frontdesk:
             key_name=key_name,
             webhook_url=webhook_url,
             webhook_started=webhook_started and webhook_url is not None,
+            previews=previews,
         )
         self._adding_total += 1
         self._adding[user] += 1

@@ -60,6 +60,7 @@ async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, st
         key_name=None if who is None else who.key,
         webhook_url=data.webhook_url,
         webhook_started=data.webhook_started,
+        previews=data.previews,
     )
     return (
         SubmitResponse(
@@ -118,6 +119,21 @@ async def get_image(job_id: str) -> Response:
         path, mimetype="image/webp", conditional=True, cache_timeout=IMAGE_MAX_AGE
     )
     response.cache_control.immutable = True
+    return response
+
+
+@blueprint.get("/job/<job_id>/preview")
+@validate_response(ErrorResponse, 404)
+async def get_preview(job_id: str) -> Response:
+    """The latest sampler preview of a running job submitted with ``previews`` (a small
+    JPEG; 404 while there is none)."""
+    view = await find_job(job_id)
+    found = state().desk.store.preview(view.id)
+    if found is None:
+        raise Refused(f"job {view.id} has no preview now (it is {view.status.value})", 404)
+    image, mime = found
+    response = Response(image, status=200, content_type=mime)
+    response.cache_control.no_store = True
     return response
 
 

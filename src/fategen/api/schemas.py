@@ -47,6 +47,14 @@ class SubmitRequest:
     webhook_started: Annotated[
         bool, _d("Also POST when the job starts (event job.started).", False)
     ] = False
+    previews: Annotated[
+        bool,
+        _d(
+            "Ask ComfyUI for sampler previews: the job's event stream then carries preview "
+            "events, and GET /job/{id}/preview the latest one.",
+            False,
+        ),
+    ] = False
 
 
 @attrs.frozen

@@ -31,6 +31,7 @@ passed as ``http=`` belongs to the caller, who closes it.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -55,6 +56,7 @@ from fategen.comfy.wire import (
     ImageRef,
     Status,
     parse_message,
+    parse_preview,
     select_images,
 )
 from fategen.core.backends import DEFAULT_BACKEND
@@ -64,6 +66,10 @@ __all__ = ["ComfySession", "ImageRef", "SessionStatistics"]
 
 log = logging.getLogger("fategen.comfy")
 
+#: The first frame on every connection: previews are to name their prompt.
+_FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+#: ``extra_data`` of a prompt whose sampler previews are wanted (cheap: latent to RGB).
+_PREVIEWS = {"preview_method": "latent2rgb"}
 #: WebSocket frames can carry preview images far above trio-websocket's 1 MiB default.
 MAX_MESSAGE_SIZE = 64 * 2**20
 #: Delays between GET /history look-ups while the entry is not written yet.
@@ -299,6 +305,8 @@ class ComfySession:
                     extra_headers=[(k.encode(), v.encode()) for k, v in self.headers.items()]
                     or None,
                 ) as ws:
+                    # Previews then come as event 4, naming their prompt (ComfyUI >= 0.3.4x).
+                    await ws.send_message(_FEATURE_FLAGS)
                     self._connection += 1
                     self.last_error = None
                     self._set_available(True)
@@ -346,11 +354,26 @@ class ComfySession:
                 continue
             probe_at = trio.current_time() + self.probe_interval
             if isinstance(frame, bytes):
+                self._route_preview(frame)
                 continue
             message = parse_message(frame)
             if message is None:
                 continue
             self._route(message)
+
+    def _route_preview(self, frame: bytes) -> None:
+        """A binary frame: a preview goes to its prompt's tracker (named in event 4's
+        metadata; for event 1, the one prompt running)."""
+        preview = parse_preview(frame)
+        if preview is None:
+            return
+        if preview.prompt_id is not None:
+            tracker = self._trackers.get(preview.prompt_id)
+        else:
+            running = [t for t in self._trackers.values() if t.started and not t.finished]
+            tracker = running[0] if len(running) == 1 else None
+        if tracker is not None:
+            tracker.preview(preview.image, preview.mime)
 
     def _route(self, message: ComfyMessage) -> None:
         if isinstance(message, Status):
@@ -378,7 +401,12 @@ class ComfySession:
             del self._trackers[tracker.prompt_id]
 
     async def submit(
-        self, workflow: Mapping[str, Any], *, prompt_id: str, fail_when_down: bool = False
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        prompt_id: str,
+        fail_when_down: bool = False,
+        previews: bool = False,
     ) -> None:
         """Queue ``workflow`` on ComfyUI as ``prompt_id`` (a lowercase hyphenated UUID).
 
@@ -399,14 +427,24 @@ class ComfySession:
             await self._available_changed.wait()
         tracker = self._track(prompt_id, workflow)
         try:
-            await self.rest.post_prompt(workflow, client_id=self.client_id, prompt_id=prompt_id)
+            await self.rest.post_prompt(
+                workflow,
+                client_id=self.client_id,
+                prompt_id=prompt_id,
+                extra_data=_PREVIEWS if previews else None,
+            )
         except BaseException:
             self._forget(tracker)
             raise
         # Activity counts from the moment ComfyUI has the prompt.
         tracker.touch()
 
-    async def follow(self, prompt_id: str, on_progress: OnProgress | None = None) -> list[ImageRef]:
+    async def follow(
+        self,
+        prompt_id: str,
+        on_progress: OnProgress | None = None,
+        on_preview: Callable[[bytes, str], None] | None = None,
+    ) -> list[ImageRef]:
         """Follow a submitted prompt to its end; return its images.
 
         ``on_progress(value, max)`` is called for each ``progress`` message (sampler steps),
@@ -432,6 +470,7 @@ class ComfySession:
             tracker = self._track(prompt_id, {})
             tracker.connection = -1  # unknown past: reconcile with /history and /queue first
         sentence: str | None = None
+        tracker.on_preview = on_preview
         try:
             tracker.follow_progress(on_progress)
             with trio.move_on_after(self.job_timeout):

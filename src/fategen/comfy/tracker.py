@@ -89,6 +89,19 @@ class Tracker:
                 on_progress(value, maximum)
         self._on_progress = on_progress
 
+    #: Called with each sampler preview (image bytes, MIME type), if set.
+    on_preview: Callable[[bytes, str], None] | None = None
+
+    def preview(self, image: bytes, mime: str) -> None:
+        report = self.on_preview
+        if report is None:
+            return
+        try:
+            report(image, mime)
+        except Exception:  # the reader must outlive a broken callback
+            log.exception("prompt %s: the preview callback failed", self.prompt_id)
+            self.on_preview = None
+
     def _report(self, value: int, maximum: int) -> None:
         report = self._on_progress
         if report is None:

@@ -525,11 +525,19 @@ class ComfyRest:
             raise ComfyError(f"ComfyUI sent an unreadable answer to {what}") from None
 
     async def post_prompt(
-        self, workflow: Mapping[str, Any], *, client_id: str, prompt_id: str
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        client_id: str,
+        prompt_id: str,
+        extra_data: Mapping[str, Any] | None = None,
     ) -> None:
-        """``POST /prompt``. Raises ComfyError (one sentence) when ComfyUI refuses it."""
+        """``POST /prompt`` (``extra_data``: e.g. ``{"preview_method": "latent2rgb"}`` for
+        sampler previews). Raises ComfyError (one sentence) when ComfyUI refuses it."""
         what = "the prompt"
-        body = {"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id}
+        body: dict[str, Any] = {"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id}
+        if extra_data:
+            body["extra_data"] = dict(extra_data)
         response = await self._request("POST", "/prompt", what, json_body=body)
         if response.status_code == 200:
             answer = self._json(response, what)
@@ -617,3 +625,47 @@ class ComfyRest:
         if response.status_code != 200 or not isinstance(answer, list):
             raise ComfyError(f"ComfyUI answered {response.status_code} to {what}")
         return [str(name) for name in answer]
+
+
+#: WebSocket binary event types (ComfyUI's ``BinaryEventTypes``).
+PREVIEW_IMAGE = 1
+PREVIEW_IMAGE_WITH_METADATA = 4
+_IMAGE_TYPES = {1: "image/jpeg", 2: "image/png"}
+
+
+@attrs.frozen
+class Preview:
+    """A sampler preview from a binary frame: the image, its type, and the prompt it is of
+    (known only from event 4, whose metadata names it)."""
+
+    image: bytes
+    mime: str
+    prompt_id: str | None
+
+
+def parse_preview(frame: bytes) -> Preview | None:
+    """The preview in a binary WebSocket frame, or None (another event, or malformed)."""
+    if len(frame) < 8:
+        return None
+    event = int.from_bytes(frame[:4], "big")
+    if event == PREVIEW_IMAGE:
+        mime = _IMAGE_TYPES.get(int.from_bytes(frame[4:8], "big"))
+        return None if mime is None else Preview(frame[8:], mime, None)
+    if event == PREVIEW_IMAGE_WITH_METADATA:
+        length = int.from_bytes(frame[4:8], "big")
+        if len(frame) < 8 + length:
+            return None
+        try:
+            metadata = json.loads(frame[8 : 8 + length])
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(metadata, dict):
+            return None
+        prompt_id = metadata.get("prompt_id")
+        image_type = str(metadata.get("image_type", "image/jpeg"))
+        return Preview(
+            frame[8 + length :],
+            image_type if image_type in _IMAGE_TYPES.values() else "image/jpeg",
+            str(prompt_id) if prompt_id is not None else None,
+        )
+    return None

@@ -48,10 +48,18 @@ class Session(Protocol):
     """What the worker needs of `fategen.comfy.session.ComfySession`."""
 
     async def submit(
-        self, workflow: dict[str, object], *, prompt_id: str, fail_when_down: bool = False
+        self,
+        workflow: dict[str, object],
+        *,
+        prompt_id: str,
+        fail_when_down: bool = False,
+        previews: bool = False,
     ) -> None: ...
     async def follow(
-        self, prompt_id: str, on_progress: Callable[[int, int], None] | None = None
+        self,
+        prompt_id: str,
+        on_progress: Callable[[int, int], None] | None = None,
+        on_preview: Callable[[bytes, str], None] | None = None,
     ) -> list[ImageRef]: ...
     async def cancel(self, prompt_id: str) -> None: ...
     async def lookup(self, prompt_id: str) -> str: ...
@@ -333,7 +341,9 @@ class ComfyWorker:
         ):
             return False
         try:
-            await self.session.submit(workflow, prompt_id=job.id, fail_when_down=True)
+            await self.session.submit(
+                workflow, prompt_id=job.id, fail_when_down=True, previews=job.previews
+            )
         except ComfyUnavailable:
             raise  # the caller queues it again
         except FategenError as exc:
@@ -408,13 +418,18 @@ class ComfyWorker:
         def progress(value: int, maximum: int) -> None:
             self.store.set_progress(job, value, maximum)
 
+        def preview(image: bytes, mime: str) -> None:
+            self.store.set_preview(job, image, mime)
+
         refs: list[ImageRef] | None = None
         with trio.CancelScope() as scope:
             self._scopes[job.id] = scope
             if job.id in self._cancels:
                 scope.cancel()
             try:
-                refs = await self.session.follow(job.id, progress)
+                refs = await self.session.follow(
+                    job.id, progress, preview if job.previews else None
+                )
             except ComfyUnavailable as exc:
                 if job.id not in self._cancels:
                     return await self._lose(job, str(exc), ran=True)

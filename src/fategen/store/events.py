@@ -30,6 +30,8 @@ __all__ = ["FINAL_EVENTS", "PROGRESS_EVERY", "RING", "EventFeed", "JobEvent"]
 RING = 4096
 #: Seconds between two progress events of one job (its last step is always recorded).
 PROGRESS_EVERY = 0.25
+#: Seconds between two preview events of one job.
+PREVIEW_EVERY = 0.5
 #: The events after which a job's stream ends.
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
 
@@ -58,6 +60,7 @@ class EventFeed:
         self._queue = trio.lowlevel.ParkingLot()
         #: Job id -> when its last progress event was recorded (jobs running now only).
         self._progress_at: dict[str, float] = {}
+        self._preview_at: dict[str, float] = {}
 
     @property
     def last_id(self) -> int:
@@ -97,6 +100,17 @@ class EventFeed:
             return
         self._progress_at[job_id] = now
         self.record("progress", job_id, key_name, nick)
+
+    def preview(self, job_id: str, key_name: str | None, nick: str) -> None:
+        """A new preview of the job, recorded at most every `PREVIEW_EVERY` seconds."""
+        now = time.monotonic()
+        last = self._preview_at.get(job_id)
+        if last is not None and now - last < PREVIEW_EVERY:
+            return
+        self._preview_at[job_id] = now
+        if len(self._preview_at) > 1024:  # jobs that ended: forget the oldest
+            self._preview_at.pop(next(iter(self._preview_at)))
+        self.record("preview", job_id, key_name, nick)
 
     def since(self, after: int) -> Iterator[JobEvent] | None:
         """The events after id ``after``, in order; None if some of them left the ring."""

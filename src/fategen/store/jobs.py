@@ -124,6 +124,8 @@ class JobStore:
             collections.OrderedDict()
         )
         self._deliveries_due = trio.lowlevel.ParkingLot()
+        #: The latest sampler preview of each running job that asked for them.
+        self._previews: dict[str, tuple[bytes, str]] = {}
         self._active = 0
         #: Jobs by status, and queued jobs by user: kept up to date on every change, so
         #: counting (the caps on each submit, activity on each write, /health) is O(1)
@@ -499,6 +501,8 @@ class JobStore:
             self._cold_writes += 1
         self._changed_now(job)
         if job.status is not before:
+            if job.status is not JobStatus.PROCESSING:
+                self._previews.pop(job.id, None)
             self._record_transition(job, before)
 
     def _record_transition(self, job: Job, before: JobStatus) -> None:
@@ -530,6 +534,15 @@ class JobStore:
         job.progress_value, job.progress_max = value, maximum
         self._wake(job.id, progress_only=True)
         self.events.progress(job.id, job.key_name, job.nick, value, maximum)
+
+    def set_preview(self, job: Job, image: bytes, mime: str) -> None:
+        """The job's latest sampler preview (in memory while it runs; not persisted)."""
+        self._previews[job.id] = (image, mime)
+        self.events.preview(job.id, job.key_name, job.nick)
+
+    def preview(self, job_id: str) -> tuple[bytes, str] | None:
+        """The latest preview of a running job (image, MIME type), if ComfyUI sent one."""
+        return self._previews.get(job_id)
 
     async def delete(self, job_ids: Collection[str]) -> None:
         """Delete jobs from disk (in one commit), then from memory; wakes their waiters."""

@@ -100,6 +100,8 @@ class Job:
     #: Where its end (and with ``webhook_started`` its start) is POSTed, signed.
     webhook_url: str | None = None
     webhook_started: bool = False
+    #: Whether ComfyUI is asked for sampler previews (streamed as ``preview`` events).
+    previews: bool = False
 
     @property
     def model(self) -> str:
