@@ -7,7 +7,8 @@ Every headline figure is measured several times in the run (min / median / max s
 median is checked against a target: the table says PASS or FAIL.
 
 Options:
-  --only NAME     one scenario (repeatable): throughput, swaps, frontend, longpoll, postprocess
+  --only NAME     one scenario (repeatable): throughput, swaps, frontend, longpoll, postprocess,
+                  fleet
   --quick         a smoke run (fewer jobs, sizes and repeats; about two minutes), written to
                   bench/results-quick.json unless --out says otherwise
   --strict        exit with status 1 when a target is missed (without it, only a scenario that
@@ -38,9 +39,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH, machine_facts, raise_fd_limit
-from scenarios import frontend, longpoll, postprocess, swaps, throughput
+from scenarios import fleet, frontend, longpoll, postprocess, swaps, throughput
 
-SCENARIOS = ("throughput", "swaps", "frontend", "longpoll", "postprocess")
+SCENARIOS = ("throughput", "swaps", "frontend", "longpoll", "postprocess", "fleet")
 #: A scenario that fails with one of these (a connection reset, a process gone) runs again once.
 RETRYABLE = (OSError, EOFError, httpx.TransportError, trio.BrokenResourceError)
 #: Seconds one attempt at a scenario may take before it is stopped and reported failed.
@@ -60,6 +61,8 @@ async def run_one(name: str, workdir: Path, *, quick: bool, profile: Path | None
         return await longpoll.run(workdir, quick=quick, profile=prof)
     if name == "postprocess":
         return await postprocess.run(workdir, quick=quick)
+    if name == "fleet":
+        return await fleet.run(workdir, quick=quick)
     raise ValueError(name)
 
 
