@@ -268,6 +268,9 @@ class FairQueue:
         the same bounds, so a second backend loads a checkpoint only when nothing else
         waits. None when it can run nothing that waits.
 
+        A job skipped for one whose checkpoint another working backend has loaded is not
+        counted as passed over (that backend will take it); the others are, as for one.
+
         Cost: as `pick`, plus, with ``can_run``, the jobs it cannot run that come first in
         the fair order (walked past, not passed over).
         """
@@ -294,6 +297,10 @@ class FairQueue:
             job, skipped = policy._choose(
                 turns(), None, policy._passed, now, wanted=lambda c: c not in elsewhere
             )
+        if elsewhere:
+            # A job whose checkpoint another working backend has loaded is not passed over
+            # by this one: that backend takes it up (its passes are kept for real waits).
+            skipped = [j for j in skipped if policy.checkpoint_of(j) not in elsewhere]
         # What the replay made first, read before the job leaves the lists the replay may
         # still share (stepping it after would read a user's list just emptied).
         predicted = self._replayed(now)
