@@ -83,7 +83,7 @@ def soak(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """The benchmark suite against the ComfyUI simulator (about 7 minutes on 2 cores; ``--
+    """The benchmark suite against the ComfyUI simulator (about 12 minutes on 2 cores; ``--
     --quick`` under 2): prints a table of ratios with their spread and targets, and writes
     bench/results.json as each scenario ends. ``-- --only throughput`` runs one scenario;
     ``-- --strict`` exits 1 on a missed target; ``-- --profile DIR`` also samples the service
