@@ -115,6 +115,11 @@ class JobStore:
         self.on_activity: Callable[[int], None] = lambda active: None
         #: Every change a user would care about, for the event streams.
         self.events = EventFeed()
+        #: Called as ``(job, status before)`` on each change of a job's status once it is
+        #: committed (``None`` before: just submitted); quick, and must not raise.
+        self.on_transition: list[Callable[[Job, JobStatus | None], None]] = []
+        #: Called with each webhook delivery's state after an attempt is recorded.
+        self.on_delivery: list[Callable[[DeliveryState], None]] = []
         #: The base URL of links in webhook payloads (the service's public URL).
         self.public_base = ""
         #: The wall clock of the outbox's times (tests give trio's mock clock).
@@ -373,6 +378,8 @@ class JobStore:
         self._changed_now(job)
         self.events.record("queued", job.id, job.key_name, job.nick)
         self.events.queue_moved()
+        for observe in self.on_transition:
+            observe(job, None)
 
     async def update(
         self, job: Job, *, expect: Collection[JobStatus] | None = None, **changes: Any
@@ -465,6 +472,8 @@ class JobStore:
         """A delivery's attempt (on disk first), and what is next."""
         await self._db.run(self._db.record_attempt, state)
         self._note_delivery(state)
+        for observe in self.on_delivery:
+            observe(state)
         self._deliveries_due.unpark_all()  # the sender's next wake-up may have moved
 
     async def wait_deliveries(self) -> None:
@@ -506,7 +515,10 @@ class JobStore:
             self._record_transition(job, before)
 
     def _record_transition(self, job: Job, before: JobStatus) -> None:
-        """The event of a change of status (one source: the change itself)."""
+        """The event of a change of status (one source: the change itself), and the
+        observers told (metrics)."""
+        for observe in self.on_transition:
+            observe(job, before)
         status = job.status
         if status is JobStatus.PROCESSING:
             kind = "started"
