@@ -30,7 +30,7 @@ import trio
 from quart_trio import QuartTrio
 
 from fategen.api.app import create_app
-from fategen.api.frontdesk import Frontdesk
+from fategen.api.frontdesk import PAUSED_META, Frontdesk
 from fategen.api.server import install_connection_isolation, serve_http
 from fategen.comfy.session import ComfySession
 from fategen.comfy.watchdog import FreeFunction, IdleWatchdog
@@ -244,6 +244,9 @@ class Service:
             log.warning("job %s was processing when fategen stopped: %s", job.id, outcome)
             await self.store.update(job, **requeue_interrupted(job))
         self.store.recovered = {j.id for j in self.store.queued()}
+        if await self.store.get_meta(PAUSED_META) == "1":
+            log.warning("the queue is paused (POST /queue/resume to dispatch again)")
+            self.scheduler.hold(True)
         # The turns need each nick's last served job: finished ones are read from disk (one
         # per nick), not all held in memory.
         self.scheduler.restore([*self.store.active_jobs(), *await self.store.last_served()])

@@ -17,7 +17,7 @@ KEY = "user-key-0123456789abcdef"
 async def test_ready_while_comfyui_answers_and_not_while_stopping(tmp_path: Path) -> None:
     async with open_stack(tmp_path) as stack:
         r = await stack.client.get("/ready")
-        assert (r.status_code, r.json()) == (200, {"ready": True, "reason": None})
+        assert (r.status_code, r.json()) == (200, {"ready": True, "reason": None, "paused": False})
         health = (await stack.client.get("/health")).json()
         assert health["comfyui"]["url"].startswith("http://127.0.0.1:")  # keys off, loopback
         stack.running.desk.stop()

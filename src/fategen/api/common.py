@@ -115,4 +115,5 @@ def job_response(view: JobView) -> JobResponse:
             )
             for d in view.webhooks
         ],
+        retry_of=view.retry_of,
     )

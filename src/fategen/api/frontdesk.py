@@ -49,6 +49,10 @@ class Canceller(Protocol):
     async def cancel(self, job: Job, by: str) -> bool: ...
 
 
+#: The meta key of the operator's pause (kept across restarts).
+PAUSED_META = "queue_paused"
+
+
 class FleetControl(Protocol):
     """What the API reads and changes of the backends (`fategen.queue.fleet.Fleet`)."""
 
@@ -115,6 +119,13 @@ class Frontdesk:
     #: the caps count them too.
     _adding: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _adding_total: int = attrs.field(default=0, init=False)
+    #: (finished, status, seconds waited) of the jobs that ended in the last hour.
+    _finished: collections.deque[tuple[float, JobStatus, float | None]] = attrs.field(
+        factory=collections.deque, init=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        self.store.on_transition.append(self.observe)
 
     def parse(self, message: str) -> GenerationRequest:
         if len(message) > MAX_MESSAGE:
@@ -222,6 +233,8 @@ class Frontdesk:
         webhook_url: str | None = None,
         webhook_started: bool = False,
         previews: bool = False,
+        *,
+        retry_of: str | None = None,
     ) -> Job:
         """Check the caps and add the job; on disk when this returns. The check and the
         reservation happen at once (no checkpoint between), and jobs on their way to the
@@ -257,6 +270,7 @@ class Frontdesk:
             webhook_url=webhook_url,
             webhook_started=webhook_started and webhook_url is not None,
             previews=previews,
+            retry_of=retry_of,
         )
         self._adding_total += 1
         self._adding[user] += 1
@@ -353,6 +367,142 @@ class Frontdesk:
             "so it can no longer be cancelled",
             409,
         )
+
+    # -- the operator's queue control ------------------------------------------------------
+    async def list_jobs(
+        self,
+        status: JobStatus,
+        *,
+        nick: str | None,
+        model: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[JobView], str | None]:
+        """A page of jobs and the next page's cursor (None: the last page). Queued jobs in
+        queue order (O(n) in the queued jobs: an operator's listing, not a bot's request);
+        the others newest first, read page by page from SQLite (O(page))."""
+        start: int | None = None
+        if cursor:
+            if not cursor.isdigit():
+                raise Refused(f"the cursor {cursor[:32]!r} is not one this service gave")
+            start = int(cursor)
+        if status is JobStatus.QUEUED:
+            offset = start or 0
+            jobs = [
+                j
+                for j in self.store.queued()
+                if (nick is None or j.nick == nick) and (model is None or j.model == model)
+            ]
+            page = [self.store.view_of(j) for j in jobs[offset : offset + limit]]
+            more = offset + limit < len(jobs)
+            return page, str(offset + limit) if more else None
+        found = await self.store.list_page(
+            status, before_seq=start, limit=limit + 1, nick=nick, model=model
+        )
+        views = [v for v, _ in found[:limit]]
+        next_cursor = str(found[limit - 1][1]) if len(found) > limit else None
+        return views, next_cursor
+
+    async def set_paused(self, paused: bool, who: str) -> None:
+        """Pause or resume dispatching; the state is kept across restarts."""
+        await self.store.set_meta(PAUSED_META, "1" if paused else "0")
+        self.scheduler.hold(paused)
+        log.info("queue %s by %s", "paused" if paused else "resumed", who)
+
+    async def retry(self, job_id: str, who: str) -> JobView:
+        """A new job with the failed or cancelled job's request and seed, linked to it."""
+        old = await self.store.get(job_id)
+        if old is None:
+            raise Refused(f"there is no job {job_id}", 404)
+        if old.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise Refused(
+                f"job {job_id} is {old.status.value}; only a failed or cancelled job is retried",
+                409,
+            )
+        job = await self._add(
+            old.nick,
+            old.message,
+            old.request,
+            None,
+            old.key_name,
+            old.webhook_url,
+            old.webhook_started,
+            old.previews,
+            retry_of=old.id,
+        )
+        self.scheduler.wake()
+        log.info("job %s retried as %s by %s", old.id, job.id, who, extra=job.log_fields("retry"))
+        return self.store.view_of(job)
+
+    async def prioritize(self, job_id: str, *, whole_queue: bool, who: str) -> JobView:
+        """Move a queued job to the front of its user's jobs, or of the whole queue."""
+        job = await self.store.get(job_id)
+        if job is None:
+            raise Refused(f"there is no job {job_id}", 404)
+        if job.status is not JobStatus.QUEUED or self.scheduler.is_dispatched(job.id):
+            raise Refused(f"job {job_id} is no longer waiting in the queue", 409)
+        seq = self.scheduler.prioritize(job, whole_queue=whole_queue)
+        if seq != job.seq:
+            # Out of the order under its old seq, back in under the new one.
+            self.scheduler.set_aside(job)
+            try:
+                await self.store.update(job, expect=(JobStatus.QUEUED,), seq=seq)
+            finally:
+                if job.status is JobStatus.QUEUED:
+                    self.scheduler.add(job)
+                self.scheduler.wake()
+        log.info(
+            "job %s moved to the front of %s by %s",
+            job.id,
+            "the queue" if whole_queue else f"{job.nick}'s jobs",
+            who,
+        )
+        return self.store.view_of(job)
+
+    async def cancel_all(self, nick: str, key_name: str | None, who: str) -> list[str]:
+        """Cancel every queued or running job of a nick (within an API key, if given);
+        O(n) in the jobs held: an operator's action."""
+        nick = clean_nick(nick)
+        mine = [
+            j.id
+            for j in self.store.active_jobs()
+            if j.nick == nick and (key_name is None or j.key_name == key_name)
+        ]
+        cancelled: list[str] = []
+        for job_id in mine:
+            try:
+                await self.cancel(job_id, nick=None, admin=True)
+            except Refused:
+                continue  # it ended meanwhile, or it is too late
+            cancelled.append(job_id)
+        log.info("%d job(s) of %s cancelled by %s", len(cancelled), nick, who)
+        return cancelled
+
+    def stats(self) -> dict[str, object]:
+        """The live figures of the last hour (O(jobs finished in the hour))."""
+        now = time.time()
+        recent = self._finished
+        while recent and recent[0][0] < now - 3600:
+            recent.popleft()
+        waits = sorted(w for _, status, w in recent if w is not None)
+        median = None
+        if waits:
+            middle = len(waits) // 2
+            median = waits[middle] if len(waits) % 2 else (waits[middle - 1] + waits[middle]) / 2
+        return {
+            "queued": self.store.count_queued(),
+            "processing": self.store.count_processing(),
+            "completed_last_hour": sum(1 for _, s, _ in recent if s is JobStatus.COMPLETED),
+            "failed_last_hour": sum(1 for _, s, _ in recent if s is JobStatus.FAILED),
+            "median_wait_seconds": median,
+        }
+
+    def observe(self, job: Job, before: JobStatus | None) -> None:
+        """`JobStore.on_transition`: a finished job counts in the last hour's figures."""
+        if job.status.finished:
+            start = job.first_started or job.started
+            wait = None if start is None else max(0.0, start - job.created)
+            self._finished.append((job.finished or time.time(), job.status, wait))
 
     def stop(self) -> None:
         """Refuse new jobs and wake every waiter with the current state."""

@@ -62,4 +62,4 @@ async def ready() -> tuple[ReadyResponse, int]:
         elif may_see_details() and desk.health.last_error:
             reason = desk.health.last_error
         return ReadyResponse(ready=False, reason=reason), 503
-    return ReadyResponse(ready=True), 200
+    return ReadyResponse(ready=True, paused=desk.scheduler.held_back), 200

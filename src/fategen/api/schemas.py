@@ -142,6 +142,9 @@ class JobResponse:
     webhooks: Annotated[
         list[WebhookInfo], _d("Its webhook deliveries and their state, oldest first.")
     ] = attrs.field(factory=list)
+    retry_of: Annotated[
+        str | None, _d("The failed or cancelled job this one retries (an operator's retry).")
+    ] = None
 
 
 @attrs.frozen
@@ -256,6 +259,53 @@ class ReadyResponse:
     ready: bool
     #: Why not, in one sentence.
     reason: str | None = None
+    #: True while an operator has paused dispatching (submissions are still taken).
+    paused: bool = False
+
+
+@attrs.frozen
+class JobsQuery:
+    status: JobState = "queued"
+    nick: str | None = None
+    model: str | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+
+@attrs.frozen
+class JobsResponse:
+    jobs: Annotated[list[JobResponse], _d("Queued ones in queue order; others newest first.")]
+    next_cursor: Annotated[str | None, _d("Pass as cursor for the next page (null: last).")]
+
+
+@attrs.frozen
+class QueueState:
+    paused: Annotated[bool, _d("Dispatching is paused (running jobs finish).")]
+    queued: int
+    processing: int
+
+
+@attrs.frozen
+class PriorityRequest:
+    scope: Annotated[
+        str, _d("user: to the front of its user's jobs; queue: to the front of the queue.")
+    ] = "user"
+
+
+@attrs.frozen
+class CancelledResponse:
+    cancelled: Annotated[list[str], _d("The jobs cancelled.")]
+
+
+@attrs.frozen
+class StatsResponse:
+    queued: int
+    processing: int
+    completed_last_hour: int
+    failed_last_hour: int
+    median_wait_seconds: Annotated[
+        float | None, _d("Median seconds from submit to start, of the last hour's jobs.")
+    ]
 
 
 API_TYPES: tuple[type, ...] = (
@@ -267,6 +317,9 @@ API_TYPES: tuple[type, ...] = (
     HealthResponse,
     ReadyResponse,
     BackendsResponse,
+    JobsResponse,
+    QueueState,
+    StatsResponse,
 )
 
 

@@ -181,6 +181,11 @@ class FairQueue:
             del self._checkpoints[checkpoint]
         self._reindex(user, before)
 
+    def first_of(self, user: str) -> Queued | None:
+        """The user's first waiting job (in submission order), if any. O(1)."""
+        queue = self._queues.get(user)
+        return queue[0] if queue else None
+
     def rebuild(self) -> None:
         """Take up the policy's turns again after they changed outside `pick` (a restore)."""
         for user, queue in self._queues.items():

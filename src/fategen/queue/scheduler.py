@@ -74,6 +74,8 @@ class Scheduler:
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _paused: bool = attrs.field(default=False, init=False)
+    #: Paused by an operator (`hold`): nothing new is handed out; unlike `pause`, undone.
+    _held_back: bool = attrs.field(default=False, init=False)
     #: The queued jobs neither dispatched nor at the front, in the policy's order.
     _waiting: FairQueue = attrs.field(init=False)
 
@@ -188,6 +190,35 @@ class Scheduler:
         """Hand out no more jobs (shutdown)."""
         self._paused = True
 
+    @property
+    def held_back(self) -> bool:
+        """Whether an operator paused dispatching (`hold`)."""
+        return self._held_back
+
+    def hold(self, paused: bool) -> None:
+        """An operator pauses (or resumes) dispatching: the running jobs finish, queued ones
+        wait; submissions go on."""
+        self._held_back = paused
+        self.wake()
+
+    def prioritize(self, job: Job, *, whole_queue: bool) -> int:
+        """Move a queued job ahead: to the front of the whole queue (handed out first, before
+        the turns), or to the front of its user's own jobs (it takes that user's next turn).
+        Returns the seq the job should have (the same, or one below the user's first)."""
+        if whole_queue:
+            self._waiting.discard(job)
+            if all(p.id != job.id for p in self._front):
+                self._handed[job.id] = -next(self._tick)  # before every job at the front
+                self._front.insert(0, job)
+            self.wake()
+            return job.seq
+        first = self._waiting.first_of(self.policy.user_of(job))
+        return job.seq if first is None or first.seq >= job.seq else first.seq - 1
+
+    def set_aside(self, job: Job) -> None:
+        """Out of the order while its seq changes (`add` puts it back under the new one)."""
+        self._waiting.discard(job)
+
     def is_dispatched(self, job_id: str) -> bool:
         return job_id in self._dispatched
 
@@ -229,7 +260,7 @@ class Scheduler:
 
     def _serve(self) -> None:
         """Answer every request that can be answered now: backends with nothing to do first."""
-        if self._paused or not self._pending:
+        if self._paused or self._held_back or not self._pending:
             return
         pending = sorted(self._pending, key=lambda r: r.backend.busy())
         self._pending = []

@@ -279,6 +279,7 @@ class JobStore:
             key_name=job.key_name,
             backend=job.backend,
             webhooks=tuple(self._deliveries.get(job.id, ())),
+            retry_of=job.retry_of,
         )
 
     def use_index(self, index: QueueIndex) -> None:
@@ -290,6 +291,31 @@ class JobStore:
     def queued(self) -> list[Job]:
         """Queued jobs in the order they will run (O(n): for listings)."""
         return self._index.ordered()
+
+    async def list_page(
+        self,
+        status: JobStatus,
+        *,
+        before_seq: int | None,
+        limit: int,
+        nick: str | None = None,
+        model: str | None = None,
+    ) -> list[tuple[JobView, int]]:
+        """A page of jobs in ``status`` (not queued: those are in queue order, `queued`),
+        newest first, each with its seq (the next page's cursor): read from SQLite."""
+        found = await self._db.run(self._db.list_ids, status.value, before_seq, limit, nick, model)
+        page: list[tuple[JobView, int]] = []
+        for job_id, seq in found:
+            view = await self.view(job_id)
+            if view is not None:
+                page.append((view, seq))
+        return page
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self._db.run(self._db.get_meta, key)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._db.run(self._db.set_meta, key, value)
 
     def processing(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.status is JobStatus.PROCESSING]

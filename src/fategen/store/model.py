@@ -102,6 +102,8 @@ class Job:
     webhook_started: bool = False
     #: Whether ComfyUI is asked for sampler previews (streamed as ``preview`` events).
     previews: bool = False
+    #: The job this one retries (an operator's retry of a failed or cancelled job).
+    retry_of: str | None = None
 
     @property
     def model(self) -> str:
@@ -154,6 +156,7 @@ class JobView:
     backend: str | None = None
     #: Its webhook deliveries, oldest first.
     webhooks: tuple[DeliveryState, ...] = ()
+    retry_of: str | None = None
 
 
 #: The one converter for jobs: a job is stored as this JSON (the ``body`` column).

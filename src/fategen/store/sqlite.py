@@ -398,6 +398,31 @@ class JobDB:
         ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
+    def list_ids(
+        self,
+        status: str,
+        before_seq: int | None,
+        limit: int,
+        nick: str | None,
+        model: str | None,
+    ) -> list[tuple[str, int]]:
+        """Ids (and seqs) of jobs in ``status``, newest first, below ``before_seq``: a page,
+        read off the (status, seq) index (a model filter reads the bodies of that range)."""
+        sql = "SELECT id, seq FROM jobs WHERE status = ?"
+        args: list[Any] = [status]
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            args.append(before_seq)
+        if nick is not None:
+            sql += " AND nick = ?"
+            args.append(nick)
+        if model is not None:
+            sql += " AND json_extract(body, '$.request.model') = ?"
+            args.append(model)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        return [(str(i), int(q)) for i, q in self._conn.execute(sql, args).fetchall()]
+
     def get_meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
