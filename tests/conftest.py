@@ -124,6 +124,10 @@ async def open_stack(
         shutdown = trio.Event()
         async with trio.open_nursery() as inner:
             running: Running = await inner.start(run_service, settings, shutdown)
+            # ComfyUI is up: tests start once fategen has checked what it has (a job sent
+            # before that waits for the check, and the order tests would race it).
+            with trio.move_on_after(10):
+                await running.service.wait_checked()
             async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
                 yield Stack(sim, sim_port, running, shutdown, client)
             shutdown.set()  # run_service stops gracefully and returns
