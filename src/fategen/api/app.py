@@ -19,6 +19,7 @@ from fategen import __version__
 from fategen.api import answers, auth, backends, control, docs, events, health, jobs, models
 from fategen.api.common import EXTENSION, ApiState, error
 from fategen.api.frontdesk import Frontdesk, Refused
+from fategen.api.metrics import install as install_metrics
 from fategen.api.schemas import CompleteOpenAPIProvider
 from fategen.api.server import ClosingHTTPConnection
 from fategen.core.prompt import MAX_SEED
@@ -170,6 +171,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     app.after_request(_access_log)
     for module in (jobs, events, control, models, health, backends, docs):
         app.register_blueprint(module.blueprint)
+    install_metrics(app)  # GET /metrics, and every answer counted for it
     _register_error_handlers(app)
     return app
 
