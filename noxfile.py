@@ -26,7 +26,8 @@ def browser(session: nox.Session) -> None:
     installs it), driven by Playwright's Python package. Playwright's own browser download
     is never used; FATEGEN_TEST_CHROMIUM names another Chromium."""
     session.install("-e", ".[test]", "playwright>=1.40")
-    session.run("pytest", "tests/browser", *session.posargs)
+    # Screenshots are kept (the artifacts of a CI run): each test's folder under it.
+    session.run("pytest", "tests/browser", "--basetemp=artifacts/browser", *session.posargs)
 
 
 @nox.session(default=False)

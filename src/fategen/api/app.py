@@ -16,7 +16,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from fategen import __version__
-from fategen.api import answers, auth, backends, control, docs, events, health, jobs, models
+from fategen.api import answers, auth, backends, control, docs, events, health, jobs, models, ui
 from fategen.api.common import EXTENSION, ApiState, error
 from fategen.api.frontdesk import Frontdesk, Refused
 from fategen.api.metrics import install as install_metrics
@@ -169,7 +169,7 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     app.before_request(_start_clock)
     app.before_request(auth.authenticate)
     app.after_request(_access_log)
-    for module in (jobs, events, control, models, health, backends, docs):
+    for module in (jobs, events, control, models, health, backends, docs, ui):
         app.register_blueprint(module.blueprint)
     install_metrics(app)  # GET /metrics, and every answer counted for it
     _register_error_handlers(app)

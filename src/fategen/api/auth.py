@@ -11,7 +11,19 @@ from quart import Response, g, request
 from fategen.api.common import error, state
 
 #: Paths anyone may read: the health check and the API documentation.
-OPEN_PATHS = ("/health", "/ready", "/docs", "/redoc", "/openapi.json")
+OPEN_PATHS = (
+    "/health",
+    "/ready",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+    # The operator's page and its files: a browser cannot add a key to a page load (every
+    # call the page makes carries the admin key the operator enters).
+    "/ui",
+    "/ui/",
+    "/ui/ui.js",
+    "/ui/ui.css",
+)
 #: The documentation pages' own JavaScript and CSS.
 OPEN_PREFIX = "/docs/assets/"
 
