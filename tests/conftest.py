@@ -23,6 +23,18 @@ from fategen.simulator import Simulator, SimulatorKnobs
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: The browser tests' Chromium (Debian's), and the flags that keep it off the internet.
+CHROMIUM = os.environ.get("FATEGEN_TEST_CHROMIUM", "/usr/bin/chromium")
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
 
 def free_port() -> int:
     """A port nothing listens on right now (for servers started later, or in a subprocess)."""

@@ -4,25 +4,14 @@ fategen's own assets. Run by ``nox -s browser`` (CI installs Chromium with apt-g
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import urlparse
 
 import trio
 from playwright.sync_api import Route, sync_playwright
 
-from conftest import Stack
+from conftest import CHROMIUM, FLAGS, Stack
 
-CHROMIUM = os.environ.get("FATEGEN_TEST_CHROMIUM", "/usr/bin/chromium")
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 OPERATIONS = ["/request", "/job/{job_id}", "/wait/{job_id}", "/models", "/health", "/ready"]
 
 

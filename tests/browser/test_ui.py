@@ -7,7 +7,6 @@ Screenshots go to each test's ``tmp_path``, as in test_docs_pages.py."""
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,19 +17,9 @@ import httpx
 import trio
 from playwright.sync_api import Page, Route, expect, sync_playwright
 
-from conftest import Stack, open_stack
+from conftest import CHROMIUM, FLAGS, Stack, open_stack
 from fategen.simulator import Simulator, SimulatorKnobs
 
-CHROMIUM = os.environ.get("FATEGEN_TEST_CHROMIUM", "/usr/bin/chromium")
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 KEY = "ui-test-admin-key-0123456789abcd"  # 32 characters
 BOT_KEY = "ui-test-bot-key-0123456789abcdef"
 ENV = {

@@ -74,8 +74,9 @@ async def _first(*waits: Callable[[], Awaitable[object]]) -> None:
             nursery.start_soon(run, wait)
 
 
-def _open_stream() -> Response | None:
-    """A slot for one more stream, or the 429 answer."""
+def _open_stream(events: Callable[[], AsyncIterator[str]]) -> Response:
+    """The streaming answer of ``events()``, holding one of the `FATEGEN_MAX_STREAMS` slots
+    until it ends; past the cap, the 429 answer."""
     desk = state().desk
     limit = state().settings.max_streams
     if desk.open_streams >= limit:
@@ -85,13 +86,20 @@ def _open_stream() -> Response | None:
             429,
             Retry_After="5",
         )
-    desk.open_streams += 1
-    return None
 
+    @stream_with_context
+    async def body() -> AsyncIterator[str]:
+        # Counted from its first step: a body never started (the client left before the
+        # headers went) never runs its `finally`, and would keep its slot forever.
+        desk.open_streams += 1
+        try:
+            async for chunk in events():
+                yield chunk
+        finally:
+            desk.open_streams -= 1
 
-def _streaming(body: AsyncIterator[str]) -> Response:
     response = Response(
-        body,
+        body(),
         status=200,
         content_type="text/event-stream; charset=utf-8",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -104,21 +112,9 @@ def _streaming(body: AsyncIterator[str]) -> Response:
 async def job_events(job_id: str) -> Response:
     """The job's events as Server-Sent Events, from a snapshot to its end."""
     view = await find_job(job_id)
-    refused = _open_stream()
-    if refused is not None:
-        return refused
     desk = state().desk
     last_event = request.headers.get("Last-Event-ID")
-
-    @stream_with_context
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for chunk in _job_stream(desk, view.id, last_event):
-                yield chunk
-        finally:
-            desk.open_streams -= 1
-
-    return _streaming(body())
+    return _open_stream(lambda: _job_stream(desk, view.id, last_event))
 
 
 async def _job_stream(desk: Frontdesk, job_id: str, last_event: str | None) -> AsyncIterator[str]:
@@ -189,21 +185,9 @@ async def all_events() -> Response:
     if state().keys and who is None:
         return error("an API key is needed", 401)
     key = None if who is None or who.admin else who.key
-    refused = _open_stream()
-    if refused is not None:
-        return refused
     desk = state().desk
     last_event = request.headers.get("Last-Event-ID")
-
-    @stream_with_context
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for chunk in _all_stream(desk, key, nick, last_event):
-                yield chunk
-        finally:
-            desk.open_streams -= 1
-
-    return _streaming(body())
+    return _open_stream(lambda: _all_stream(desk, key, nick, last_event))
 
 
 async def _all_stream(
