@@ -195,18 +195,13 @@ async def test_a_service_that_is_not_there_is_one_sentence() -> None:
 
 
 async def test_events_of_a_real_job_from_snapshot_to_completed(tmp_path: Path) -> None:
-    """Against the service's own stream; skipped while the service has none (404)."""
+    """Against the service's own stream."""
     async with open_stack(tmp_path, SLOW) as stack, AsyncClient(stack.url) as client:
         job = await client.submit(f"streamed {TINY}", "alice")
         events: list[Event] = []
         with trio.fail_after(30):
-            try:
-                async for event in client.events(job.job_id):
-                    events.append(event)
-            except FategenClientError as exc:
-                if exc.status == 404 and not events:
-                    pytest.skip("the service has no GET /job/{id}/events yet")
-                raise
+            async for event in client.events(job.job_id):
+                events.append(event)
     kinds = [e.type for e in events]
     assert kinds[0] == "snapshot" and kinds[-1] == "completed" and "started" in kinds, kinds
     assert all(e.job is not None and e.job.job_id == job.job_id for e in events)
