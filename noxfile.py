@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests"]
@@ -26,7 +28,9 @@ def browser(session: nox.Session) -> None:
     installs it), driven by Playwright's Python package. Playwright's own browser download
     is never used; FATEGEN_TEST_CHROMIUM names another Chromium."""
     session.install("-e", ".[test]", "playwright>=1.40")
-    # Screenshots are kept (the artifacts of a CI run): each test's folder under it.
+    # Screenshots are kept (the artifacts of a CI run): each test's folder under it
+    # (pytest makes the base folder itself, not its parent).
+    Path("artifacts").mkdir(exist_ok=True)
     session.run("pytest", "tests/browser", "--basetemp=artifacts/browser", *session.posargs)
 
 
