@@ -160,7 +160,7 @@ def test_given_seed_does_not_touch_rng() -> None:
 
 # --- every error message ------------------------------------------------------------------
 
-ALL_FLAGS = "--model/-m, --width/-w, --height/-h, --no/-n, --count/-c, --seed/-s, --ar"
+ALL_FLAGS = "--model/-m, --width/-w, --height/-h, --no/-n, --count/-c, --seed/-s, --ar, --lora"
 
 
 @pytest.mark.parametrize(
@@ -258,10 +258,12 @@ def test_flags_table() -> None:
         "--count",
         "--seed",
         "--ar",
+        "--lora",
     ]
-    assert [f.short for f in FLAGS] == ["m", "w", "h", "n", "c", "s", None]
+    assert [f.short for f in FLAGS] == ["m", "w", "h", "n", "c", "s", None, None]
     assert all(f.help for f in FLAGS)
     assert [f.name for f in FLAGS if f.multiword] == ["no"]
+    assert [f.name for f in FLAGS if f.repeatable] == ["lora"]
 
 
 # --- rendering and the default tags ---------------------------------------------------------

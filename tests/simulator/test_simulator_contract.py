@@ -171,7 +171,8 @@ async def test_idle_queue_api_prefix_and_404() -> None:
 async def test_models_and_system_info() -> None:
     models = recording("models.json")
     with trio.fail_after(10):
-        async with running_simulator(knobs=SimulatorKnobs(checkpoints=[])) as running:
+        # The recorded ComfyUI had no model files at all: no checkpoints and no LoRAs.
+        async with running_simulator(knobs=SimulatorKnobs(checkpoints=[], loras=[])) as running:
             for record in models["before_any_checkpoint"]:
                 response = await replay(running, record["request"])
                 assert_like_record(response, record)

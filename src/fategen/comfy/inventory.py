@@ -4,6 +4,7 @@ warnings, and which models cannot run there (and why), read again on every recon
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -16,6 +17,20 @@ class Inventory:
     warnings: list[str]
     #: Model id -> why it cannot run on this ComfyUI (one sentence).
     unavailable: dict[str, str]
+    #: The LoRA file names this ComfyUI has (``LoraLoader``'s ``lora_name`` choices); empty
+    #: when it has no ``LoraLoader``. For `fategen.core.loras.lora_refusal`.
+    loras: frozenset[str] = frozenset()
+
+
+def lora_names(info: Mapping[str, Any]) -> frozenset[str]:
+    """The ``lora_name`` choices of ``LoraLoader`` in an ``/object_info`` answer (or none)."""
+    try:
+        choices = info["LoraLoader"]["input"]["required"]["lora_name"][0]
+    except (KeyError, IndexError, TypeError):
+        return frozenset()
+    if not isinstance(choices, list):
+        return frozenset()
+    return frozenset(name for name in choices if isinstance(name, str))
 
 
 async def inspect(
@@ -26,7 +41,8 @@ async def inspect(
     *,
     where: str = "ComfyUI",
 ) -> Inventory:
-    """Compare ComfyUI's ``/object_info`` and checkpoint list with the configuration.
+    """Compare ComfyUI's ``/object_info`` and checkpoint list with the configuration, and read
+    which LoRAs it has.
 
     Args:
         node_classes: workflow template name -> the node class types it uses.
@@ -66,7 +82,7 @@ async def inspect(
             unavailable[model_id] = (
                 f'{where} lacks the node type "{missing_nodes[workflow][0]}" its workflow uses'
             )
-    return Inventory(warnings, unavailable)
+    return Inventory(warnings, unavailable, lora_names(info))
 
 
 async def check_setup(

@@ -11,6 +11,11 @@ The file looks like::
       }
     }
 
+LoRAs: ``DEFAULTS`` may set ``maxLoras`` (3), ``minLoraWeight`` (-2) and ``maxLoraWeight`` (2); a
+model may list ``loras`` (names or fnmatch patterns it allows; ``[]`` allows none) and
+``loraFamilies`` (names of lists under a top-level ``"loraFamilies": {"sdxl": ["sdxl/*"]}``). A
+model with neither takes any LoRA ComfyUI has.
+
 Loading is pure (``parse_model_config``) apart from reading the file; errors name the JSON path.
 """
 
@@ -45,6 +50,12 @@ class ModelSpec:
     description: str = ""
     #: Text put before the user's prompt inside the positive encoder (Lumina 2's system prompt).
     system_prompt: str = ""
+    #: The LoRAs this model may take: file names as ComfyUI lists them, or ``fnmatch``
+    #: patterns (``sdxl/*``). None (the key is absent) allows any LoRA ComfyUI has, unless
+    #: `lora_families` names some; an empty list allows none.
+    loras: tuple[str, ...] | None = None
+    #: Names of top-level ``loraFamilies`` whose patterns this model also allows.
+    lora_families: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -60,15 +71,32 @@ class Defaults:
     #: Largest width * height accepted (the default allows 1536 x 1536, or 2048 x 1152).
     max_pixels: int = 1536 * 1536
     max_count: int = 4
+    #: Most LoRAs one request may use (0 turns LoRAs off).
+    max_loras: int = 3
+    #: The range of a LoRA weight (ComfyUI itself accepts -100 to 100).
+    min_lora_weight: float = -2.0
+    max_lora_weight: float = 2.0
 
 
 @attrs.frozen
 class ModelConfig:
     defaults: Defaults
     models: Mapping[str, ModelSpec]
+    #: Family name -> LoRA names or patterns, shared by the models that list the family.
+    lora_families: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
 
     def model(self, model_id: str) -> ModelSpec:
         return self.models[model_id]
+
+    def allowed_loras(self, model_id: str) -> tuple[str, ...] | None:
+        """The LoRA names or patterns `model_id` allows; None when it has no allow-list."""
+        spec = self.models[model_id]
+        if spec.loras is None and not spec.lora_families:
+            return None
+        patterns = list(spec.loras or ())
+        for family in spec.lora_families:
+            patterns.extend(self.lora_families.get(family, ()))
+        return tuple(dict.fromkeys(patterns))
 
 
 def _camel(name: str) -> str:
@@ -97,6 +125,13 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(int, strict_int)
     conv.register_structure_hook(float, strict_float)
     conv.register_structure_hook(str, strict_str)
+
+    def strict_names(value: Any, _: type) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of strings, got {json.dumps(value)}")
+        return tuple(strict_str(item, str) for item in value)
+
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], strict_names)
     for cls in (ModelSpec, Defaults):
         renames: dict[str, Any] = {
             f.name: override(rename=_camel(f.name)) for f in attrs.fields(cls)
@@ -109,6 +144,12 @@ def _make_converter() -> cattrs.Converter:
 
 
 _converter = _make_converter()
+
+#: Top-level keys of the ``models`` layout.
+_TOP_LEVEL = ("DEFAULTS", "models", "loraFamilies")
+
+#: ComfyUI's LoraLoader accepts strengths from -100 to 100.
+COMFY_MAX_LORA_WEIGHT = 100.0
 
 
 def _format_leaf(exc: BaseException, _type: Any) -> str:
@@ -149,7 +190,7 @@ def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) ->
         # {"DEFAULTS": {...}, "models": {"illustriousXL": {...}, ...}}
         prefix = "models."
         for key in data:
-            if key not in ("DEFAULTS", "models"):
+            if key not in _TOP_LEVEL:
                 problems.append(f"{key}: unknown key (expected DEFAULTS and models)")
         raw_models = data.get("models")
         if not isinstance(raw_models, dict) or not raw_models:
@@ -158,7 +199,7 @@ def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) ->
     else:
         # The seed's layout: {"DEFAULTS": {...}, "illustriousXL": {...}, ...}
         prefix = ""
-        raw_models = {k: v for k, v in data.items() if k != "DEFAULTS"}
+        raw_models = {k: v for k, v in data.items() if k not in ("DEFAULTS", "loraFamilies")}
         if not raw_models:
             problems.append(
                 "models: expected at least one model (under models, or beside DEFAULTS)"
@@ -171,6 +212,12 @@ def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) ->
             defaults = _converter.structure(data["DEFAULTS"], Defaults)
         except Exception as exc:
             problems.extend(_describe(exc, "DEFAULTS"))
+    families: dict[str, tuple[str, ...]] = {}
+    if "loraFamilies" in data:
+        try:
+            families = _converter.structure(data["loraFamilies"], dict[str, tuple[str, ...]])
+        except Exception as exc:
+            problems.extend(_describe(exc, "loraFamilies"))
     models: dict[str, ModelSpec] = {}
     for model_id, raw in raw_models.items():
         try:
@@ -179,13 +226,14 @@ def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) ->
             problems.extend(_describe(exc, f"{prefix}{model_id}"))
             continue
         problems.extend(_check_spec(f"{prefix}{model_id}", spec, templates))
+        problems.extend(_check_loras(f"{prefix}{model_id}", spec, families))
         models[model_id] = spec
     if defaults is not None:
         problems.extend(_check_defaults(defaults, raw_models))
     if problems:
         raise ConfigError("model configuration is invalid: " + "; ".join(problems))
     assert defaults is not None
-    return ModelConfig(defaults=defaults, models=models)
+    return ModelConfig(defaults=defaults, models=models, lora_families=families)
 
 
 def _check_spec(where: str, spec: ModelSpec, templates: frozenset[str] | None) -> list[str]:
@@ -216,6 +264,29 @@ def _check_defaults(defaults: Defaults, raw_models: Mapping[str, Any]) -> list[s
         problems.append(f"DEFAULTS.count: must be 1 to {defaults.max_count}, got {defaults.count}")
     if not 8 <= defaults.min_size <= defaults.max_size:
         problems.append("DEFAULTS.minSize/maxSize: need 8 <= minSize <= maxSize")
+    if defaults.max_loras < 0:
+        problems.append(f"DEFAULTS.maxLoras: must be 0 or more, got {defaults.max_loras}")
+    low, high = defaults.min_lora_weight, defaults.max_lora_weight
+    if not -COMFY_MAX_LORA_WEIGHT <= low <= high <= COMFY_MAX_LORA_WEIGHT:
+        problems.append(
+            "DEFAULTS.minLoraWeight/maxLoraWeight: need "
+            f"-{COMFY_MAX_LORA_WEIGHT:g} <= minLoraWeight <= maxLoraWeight <= "
+            f"{COMFY_MAX_LORA_WEIGHT:g}, got {low:g} and {high:g}"
+        )
+    return problems
+
+
+def _check_loras(where: str, spec: ModelSpec, families: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for family in spec.lora_families:
+        if family not in families:
+            known = ", ".join(sorted(families)) or "none"
+            problems.append(
+                f"{where}.loraFamilies: family {family!r} is not defined under the "
+                f"top-level loraFamilies (known: {known})"
+            )
+    if spec.loras is not None and any(not name for name in spec.loras):
+        problems.append(f"{where}.loras: names must not be empty")
     return problems
 
 

@@ -27,6 +27,9 @@ Pure: no I/O. The grammar, exactly:
   other side from the ratio, rounded to a multiple of 8; ``--ar`` with both is an error.
 * A model id matches exactly, or else case-insensitively; the request carries the configured
   spelling. When no seed is given one is drawn from ``rng`` and recorded on the request.
+* LoRAs: ``<lora:NAME:WEIGHT>`` tags anywhere (cut out of the text before it is split) and
+  ``--lora NAME[:WEIGHT]``, the one modifier that may be repeated; see `fategen.core.loras`
+  for their grammar. A LoRA the model's allow-list refuses is an error here already.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from fractions import Fraction
 
 import attrs
 
+from fategen.core.loras import Loras, cut_tags, lora_refusal, parse_loras
 from fategen.core.modelconfig import ModelConfig, ModelSpec
 from fategen.errors import PromptError
 
@@ -62,6 +66,8 @@ class GenerationRequest:
     height: int
     count: int
     seed: int
+    #: ``(LoRA file name, weight)`` pairs, chained in this order after the checkpoint.
+    loras: Loras = ()
 
 
 @attrs.frozen
@@ -76,6 +82,8 @@ class Flag:
     example: str
     #: True for ``--no``: the value runs to the next modifier.
     multiword: bool = False
+    #: True for ``--lora``: may be given more than once.
+    repeatable: bool = False
 
     @property
     def long(self) -> str:
@@ -95,6 +103,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("count", "c", "N", "number of images", "2"),
     Flag("seed", "s", "SEED", "fixed seed, for repeatable images", "42"),
     Flag("ar", None, "W:H", "aspect ratio, keeping the model's pixel count", "16:9"),
+    Flag(
+        "lora",
+        None,
+        "NAME[:WEIGHT]",
+        "a LoRA and its weight (default 1), repeatable; or <lora:NAME:WEIGHT> in the prompt",
+        "detail-tweaker:0.8",
+        repeatable=True,
+    ),
 )
 
 _LONG = {flag.name: flag for flag in FLAGS}
@@ -149,12 +165,17 @@ def _classify(token: str) -> _Modifier | None:
     return _Modifier(flag, spelled, match[2])
 
 
-def _split(message: str) -> tuple[str, dict[str, tuple[_Modifier, str]]]:
-    """Split a message into its prompt and ``{flag name: (modifier, raw value)}``."""
+def _split(
+    message: str,
+) -> tuple[str, dict[str, tuple[_Modifier, str]], list[str], list[str]]:
+    """Split a message into its prompt, ``{flag name: (modifier, raw value)}``, the texts of
+    its LoRA tags and the values of its ``--lora`` modifiers."""
     if bad := _CONTROL_RE.search(message):
         raise PromptError(
             f"the message contains a control character (U+{ord(bad[0]):04X}); remove it"
         )
+    message, tags = cut_tags(message)
+    repeated: list[str] = []
     tokens = message.split()
     kinds = [_classify(token) for token in tokens]
     i = 0
@@ -173,7 +194,7 @@ def _split(message: str) -> tuple[str, dict[str, tuple[_Modifier, str]]]:
         words = tokens[start:i]
         if modifier.inline:
             words = [modifier.inline, *words]
-        if flag.name in values:
+        if flag.name in values and not flag.repeatable:
             raise PromptError(f"{flag.long} was given twice; give each modifier once")
         if not words:
             example = flag.example
@@ -186,7 +207,9 @@ def _split(message: str) -> tuple[str, dict[str, tuple[_Modifier, str]]]:
                 f"{_show(words[0])[1:-1]}; the prompt goes before the first modifier"
             )
         values[flag.name] = (modifier, " ".join(words))
-    return prompt, values
+        if flag.repeatable:
+            repeated.append(words[0])
+    return prompt, values, tags, repeated
 
 
 def _whole(raw: str) -> int | None:
@@ -307,7 +330,7 @@ def parse_request(
     Raises:
         PromptError: ``str()`` is one line a bot can send back to the user.
     """
-    prompt, values = _split(message)
+    prompt, values, tags, lora_options = _split(message)
     if not prompt:
         raise PromptError(
             "the prompt is empty; write what to draw before the first modifier, "
@@ -334,7 +357,7 @@ def parse_request(
     else:
         seed = (rng or _SYSTEM_RANDOM).randrange(MAX_RANDOM_SEED + 1)
     negative = values["no"][1] if "no" in values else ""
-    return GenerationRequest(
+    request = GenerationRequest(
         prompt=prompt,
         negative=negative,
         model=model,
@@ -342,11 +365,16 @@ def parse_request(
         height=height,
         count=count,
         seed=seed,
+        loras=parse_loras(tags, lora_options, config),
     )
+    if refusal := lora_refusal(request, None, config):
+        raise PromptError(refusal)
+    return request
 
 
 def render_request(request: GenerationRequest) -> str:
-    """The chat line for `request`, with every value explicit (long flags, ``--no`` last).
+    """The chat line for `request`, with every value explicit (long flags, LoRAs as tags after
+    the prompt, ``--no`` last).
 
     ``parse_request(render_request(r), config) == r`` for every request `parse_request`
     returns, and for any valid request whose prompt and negative are whitespace-normalised
@@ -355,6 +383,7 @@ def render_request(request: GenerationRequest) -> str:
     """
     parts = [
         request.prompt,
+        *(f"<lora:{name}:{weight!r}>" for name, weight in request.loras),
         f"--model {request.model}",
         f"--width {request.width}",
         f"--height {request.height}",

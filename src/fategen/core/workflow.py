@@ -11,7 +11,8 @@ operator can build any workflow in ComfyUI, rename a few nodes (``checkpoint``, 
 User text is only ever stored as a JSON string value: it cannot change the graph's structure.
 
 Loading checks, once, that the bindings are sound (`parse_template`); building (`build_workflow`)
-is then a deep copy plus plain assignments.
+is then a deep copy plus plain assignments, and for a request with LoRAs one ``LoraLoader`` node
+per LoRA spliced in after the checkpoint (`add_loras`): no template per LoRA count.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from fategen.core.loras import Loras
 from fategen.core.modelconfig import ModelSpec
 from fategen.core.prompt import GenerationRequest, negative_text, positive_text
 from fategen.errors import WorkflowError
@@ -69,6 +71,10 @@ _TITLES: frozenset[str] = frozenset(title for title, _ in BINDINGS.values())
 
 #: ComfyUI's KSampler accepts seeds 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
+
+#: The checkpoint loader's outputs that LoRAs patch (CheckpointLoaderSimple: MODEL, CLIP, VAE).
+MODEL_OUTPUT = 0
+CLIP_OUTPUT = 1
 
 
 @attrs.frozen
@@ -241,4 +247,68 @@ def build_workflow(
                 f"so it cannot take {_WHAT[param]}"
             )
         graph[template.nodes[title]]["inputs"][input_name] = value
+    if request.loras:
+        graph = add_loras(graph, template.nodes["checkpoint"], request.loras, where=template.name)
+    return graph
+
+
+def _new_ids(graph: Mapping[str, Any], count: int) -> list[str]:
+    """`count` node ids that are not in `graph`: numbers after its largest numeric id."""
+    numbers = [int(node_id) for node_id in graph if node_id.isascii() and node_id.isdigit()]
+    start = max(numbers, default=0) + 1
+    ids: list[str] = []
+    while len(ids) < count:
+        if str(start) not in graph:
+            ids.append(str(start))
+        start += 1
+    return ids
+
+
+def add_loras(
+    graph: dict[str, Any], checkpoint: str, loras: Loras, *, where: str = "the workflow"
+) -> dict[str, Any]:
+    """Chain one LoRA loader per LoRA after node `checkpoint` (pure: returns a new graph).
+
+    Every input linked to the checkpoint's MODEL (output 0) or CLIP (output 1) is relinked to
+    the last loader, and loader ``i`` takes its model and clip from loader ``i - 1`` (the first
+    from the checkpoint). When nothing uses the checkpoint's CLIP, the loaders are
+    ``LoraLoaderModelOnly``. New nodes get numeric ids above the graph's largest one.
+
+    Raises:
+        WorkflowError: nothing takes the checkpoint's MODEL, so there is no place for a LoRA.
+    """
+    graph = copy.deepcopy(graph)
+    if not loras:
+        return graph
+    consumers: dict[int, list[tuple[str, str]]] = {MODEL_OUTPUT: [], CLIP_OUTPUT: []}
+    for node_id, node in graph.items():
+        for input_name, value in node["inputs"].items():
+            if _is_link(value) and value[0] == checkpoint and value[1] in consumers:
+                consumers[value[1]].append((node_id, input_name))
+    if not consumers[MODEL_OUTPUT]:
+        raise WorkflowError(
+            f"the workflow {where!r}: nothing uses the MODEL of its checkpoint node, "
+            "so it cannot take LoRAs"
+        )
+    with_clip = bool(consumers[CLIP_OUTPUT])
+    previous = checkpoint
+    for node_id, (index, (name, weight)) in zip(
+        _new_ids(graph, len(loras)), enumerate(loras, 1), strict=True
+    ):
+        inputs: dict[str, Any] = {"model": [previous, MODEL_OUTPUT]}
+        if with_clip:
+            inputs["clip"] = [previous, CLIP_OUTPUT]
+        inputs["lora_name"] = name
+        inputs["strength_model"] = weight
+        if with_clip:
+            inputs["strength_clip"] = weight
+        graph[node_id] = {
+            "inputs": inputs,
+            "class_type": "LoraLoader" if with_clip else "LoraLoaderModelOnly",
+            "_meta": {"title": f"LoRA {index}"},
+        }
+        previous = node_id
+    for output, links in consumers.items():
+        for node_id, input_name in links:
+            graph[node_id]["inputs"][input_name] = [previous, output]
     return graph

@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> None:
         + ")",
     )
     parser.add_argument(
+        "--lora",
+        action="append",
+        dest="loras",
+        help="a LoRA file name ComfyUI has (repeatable; default: "
+        + ", ".join(defaults.loras)
+        + ")",
+    )
+    parser.add_argument(
         "--token",
         help="require the header 'Authorization: Bearer TOKEN' on every request (default: none)",
     )
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.checkpoints:
         knobs.checkpoints = list(args.checkpoints)
+    if args.loras:
+        knobs.loras = list(args.loras)
     simulator = Simulator(knobs)
     try:
         trio.run(partial(serve_until_signalled, simulator, args.host, args.port))

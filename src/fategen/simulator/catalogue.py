@@ -2,7 +2,7 @@
 
 Specs come from ``object_info.json`` (entries recorded from ComfyUI 0.33, see
 /work/shared/comfyui-protocol); the choice lists that depend on files (``ckpt_name``,
-``LoadImage.image``) are filled from the simulator's state when asked.
+``lora_name``, ``LoadImage.image``) are filled from the simulator's state when asked.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ _NODES: dict[str, dict[str, Any]] = json.loads(
 
 _FILE_CHOICES = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("LoraLoader", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
     ("LoadImage", "image"): "inputs",
 }
 
@@ -49,20 +51,28 @@ def hidden_inputs(class_type: str) -> list[str]:
 
 
 def node_info(
-    class_type: str, *, checkpoints: Sequence[str], input_images: Sequence[str]
+    class_type: str,
+    *,
+    checkpoints: Sequence[str],
+    input_images: Sequence[str],
+    loras: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The object_info entry of one class, with its file choice lists filled in."""
+    files = {"checkpoints": checkpoints, "inputs": input_images, "loras": loras}
     info = copy.deepcopy(_NODES[class_type])
     for section in info["input"].values():
         for name, spec in section.items():
             source = _FILE_CHOICES.get((class_type, name))
             if source is not None:
-                spec[0] = list(checkpoints if source == "checkpoints" else input_images)
+                spec[0] = list(files[source])
     return info
 
 
-def object_info(*, checkpoints: Sequence[str], input_images: Sequence[str]) -> dict[str, Any]:
+def object_info(
+    *, checkpoints: Sequence[str], input_images: Sequence[str], loras: Sequence[str] = ()
+) -> dict[str, Any]:
     """The whole GET /object_info answer."""
     return {
-        name: node_info(name, checkpoints=checkpoints, input_images=input_images) for name in _NODES
+        name: node_info(name, checkpoints=checkpoints, input_images=input_images, loras=loras)
+        for name in _NODES
     }

@@ -254,6 +254,7 @@ class Engine:
         record = ExecutionRecord(
             prompt_id=run.item.prompt_id,
             checkpoint=graph.first_checkpoint(run.prompt),
+            loras=graph.lora_names(run.prompt),
             status=status,
             started=started[0],
             finished=trio.current_time(),
@@ -360,6 +361,12 @@ class Engine:
         await self._fault_point(run, node_id)
         if class_type == "CheckpointLoaderSimple":
             await self._load_checkpoint(str(inputs["ckpt_name"]))
+        elif class_type in graph.LORA_LOADERS and str(inputs["lora_name"]) not in self.knobs.loras:
+            # Passes validation, then the file went away (the knob changed): ComfyUI's error.
+            raise NodeFailure(
+                f"Model in folder 'loras' with filename '{inputs['lora_name']}' not found.",
+                "FileNotFoundError",
+            )
         elif class_type == "LoadImage" and str(inputs["image"]) not in self.store.input_images():
             raise NodeFailure(f"Invalid image file: {inputs['image']}", "FileNotFoundError")
         elif class_type in ("SaveImage", "PreviewImage"):

@@ -109,6 +109,19 @@ def first_checkpoint(prompt: Prompt) -> str | None:
     return None
 
 
+#: Node classes that apply a LoRA (in the simulator: pass the model and clip through).
+LORA_LOADERS = ("LoraLoader", "LoraLoaderModelOnly")
+
+
+def lora_names(prompt: Prompt) -> tuple[str, ...]:
+    """The ``lora_name`` of every LoRA loader in the prompt, in prompt order."""
+    return tuple(
+        str(node["inputs"]["lora_name"])
+        for node in prompt.values()
+        if node.get("class_type") in LORA_LOADERS
+    )
+
+
 @attrs.frozen
 class ImageSpec:
     """What the images reaching an output node look like."""

@@ -14,6 +14,13 @@ DEFAULT_CHECKPOINTS: tuple[str, ...] = (
 )
 """Checkpoints the simulated ComfyUI "has" unless told otherwise."""
 
+DEFAULT_LORAS: tuple[str, ...] = (
+    "detail-tweaker.safetensors",
+    "anime-style.safetensors",
+    "sdxl/film-grain.safetensors",
+)
+"""LoRA files the simulated ComfyUI "has" (``LoraLoader``'s ``lora_name`` choices)."""
+
 ExecutionStatus = Literal["success", "error", "interrupted"]
 
 
@@ -23,6 +30,9 @@ class SimulatorKnobs:
 
     Timing: ``step_seconds`` per sampler step; ``model_load_seconds`` whenever a
     ``CheckpointLoaderSimple`` needs a checkpoint other than the loaded one.
+
+    Files: ``checkpoints`` and ``loras`` are the file names GET /object_info lists (and
+    GET /models/checkpoints, /models/loras); prompts naming others fail validation.
 
     Faults that affect "the next job" are *counts*: each job that starts takes one from every
     non-zero count (``knobs.hang = True`` means one job, ``knobs.hang = 3`` the next three):
@@ -50,6 +60,7 @@ class SimulatorKnobs:
     step_seconds: float = 0.01
     model_load_seconds: float = 0.05
     checkpoints: list[str] = attrs.Factory(lambda: list(DEFAULT_CHECKPOINTS))
+    loras: list[str] = attrs.Factory(lambda: list(DEFAULT_LORAS))
     caching: bool = True
     http_500: bool = False
     corrupt_image: bool = False
@@ -86,8 +97,9 @@ class JobFaults:
 class ExecutionRecord:
     """When one prompt ran: ``started``/``finished`` on the trio clock (also monotonic, wall).
 
-    ``checkpoint`` is the first ``ckpt_name`` of the prompt (None if it loads none). ``status`` is
-    ``interrupted`` also for a prompt that was running when the server stopped.
+    ``checkpoint`` is the first ``ckpt_name`` of the prompt (None if it loads none); ``loras``
+    the ``lora_name`` of each LoRA loader in it. ``status`` is ``interrupted`` also for a prompt
+    that was running when the server stopped.
     """
 
     prompt_id: str
@@ -99,6 +111,7 @@ class ExecutionRecord:
     finished_monotonic: float
     started_wall: float
     finished_wall: float
+    loras: tuple[str, ...] = ()
 
     @property
     def duration(self) -> float:

@@ -209,7 +209,9 @@ def create_app(sim: Simulator) -> QuartTrio:
     async def object_info() -> Response:
         return json_response(
             catalogue.object_info(
-                checkpoints=sim.knobs.checkpoints, input_images=sim.store.input_images()
+                checkpoints=sim.knobs.checkpoints,
+                input_images=sim.store.input_images(),
+                loras=sim.knobs.loras,
             )
         )
 
@@ -218,7 +220,10 @@ def create_app(sim: Simulator) -> QuartTrio:
         if not catalogue.is_known(node_class):
             return json_response({})
         info = catalogue.node_info(
-            node_class, checkpoints=sim.knobs.checkpoints, input_images=sim.store.input_images()
+            node_class,
+            checkpoints=sim.knobs.checkpoints,
+            input_images=sim.store.input_images(),
+            loras=sim.knobs.loras,
         )
         return json_response({node_class: info})
 
@@ -230,7 +235,8 @@ def create_app(sim: Simulator) -> QuartTrio:
     async def models_in(folder: str) -> Response:
         if folder not in MODEL_FOLDERS:
             return empty_response(404)
-        return json_response(list(sim.knobs.checkpoints) if folder == "checkpoints" else [])
+        files = {"checkpoints": sim.knobs.checkpoints, "loras": sim.knobs.loras}
+        return json_response(list(files.get(folder, [])))
 
     @route("/embeddings", ["GET"])
     async def embeddings() -> Response:

@@ -104,7 +104,10 @@ class Simulator:
                 number = -number
             self._next_number += 1
         result = check_submission(
-            body, checkpoints=self.knobs.checkpoints, input_images=self.store.input_images()
+            body,
+            checkpoints=self.knobs.checkpoints,
+            input_images=self.store.input_images(),
+            loras=self.knobs.loras,
         )
         if isinstance(result, Rejected):
             return result.status, result.body

@@ -58,7 +58,11 @@ def is_canonical_uuid(value: object) -> bool:
 
 
 def check_submission(
-    body: object, *, checkpoints: Sequence[str], input_images: Sequence[str]
+    body: object,
+    *,
+    checkpoints: Sequence[str],
+    input_images: Sequence[str],
+    loras: Sequence[str] = (),
 ) -> Accepted | Rejected:
     """Check a POST /prompt body the way ComfyUI does."""
     if not isinstance(body, dict) or "prompt" not in body:
@@ -77,7 +81,9 @@ def check_submission(
     if not isinstance(prompt, dict) or not all(isinstance(n, dict) for n in prompt.values()):
         return _reject(_error("invalid_prompt", "Prompt is not a dictionary of nodes"))
     converted = copy.deepcopy(prompt)
-    validator = _Validator(converted, checkpoints=checkpoints, input_images=input_images)
+    validator = _Validator(
+        converted, checkpoints=checkpoints, input_images=input_images, loras=loras
+    )
     result = validator.validate()
     if isinstance(result, Rejected):
         return result
@@ -87,11 +93,17 @@ def check_submission(
 
 class _Validator:
     def __init__(
-        self, prompt: dict[str, Any], *, checkpoints: Sequence[str], input_images: Sequence[str]
+        self,
+        prompt: dict[str, Any],
+        *,
+        checkpoints: Sequence[str],
+        input_images: Sequence[str],
+        loras: Sequence[str] = (),
     ) -> None:
         self.prompt = prompt
         self.checkpoints = checkpoints
         self.input_images = input_images
+        self.loras = loras
         self.validated: dict[str, tuple[bool, list[dict[str, Any]]]] = {}
         self.visiting: set[str] = set()
 
@@ -196,7 +208,10 @@ class _Validator:
         class_type = node["class_type"]
         inputs = node.setdefault("inputs", {})
         info = catalogue.node_info(
-            class_type, checkpoints=self.checkpoints, input_images=self.input_images
+            class_type,
+            checkpoints=self.checkpoints,
+            input_images=self.input_images,
+            loras=self.loras,
         )["input"]
         errors: list[dict[str, Any]] = []
         valid = True
