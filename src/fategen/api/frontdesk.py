@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from fategen.core.availability import ModelAvailability
+from fategen.core.loras import lora_refusal
 from fategen.core.modelconfig import ModelConfig
 from fategen.core.prompt import GenerationRequest, parse_request
 from fategen.core.workflow import WorkflowTemplate, build_workflow
@@ -57,6 +58,7 @@ class FleetControl(Protocol):
     """What the API reads and changes of the backends (`fategen.queue.fleet.Fleet`)."""
 
     def views(self) -> list[BackendView]: ...
+    def available_loras(self) -> frozenset[str] | None: ...
     def drain(self, name: str) -> BackendView: ...
     def enable(self, name: str) -> BackendView: ...
 
@@ -143,6 +145,11 @@ class Frontdesk:
                 f'model "{request.model}" cannot run now: {reason}; '
                 + (f"available: {', '.join(others)}" if others else "no model can run now")
             )
+        if request.loras:
+            loras = self.fleet.available_loras() if self.fleet is not None else None
+            refusal = lora_refusal(request, loras, self.config)
+            if refusal is not None:
+                raise Refused(refusal)
         spec = self.config.models[request.model]
         # Fail now, not in the queue, if the model's template cannot take this request.
         build_workflow(self.templates[spec.workflow], spec, request, filename_prefix="fategen")

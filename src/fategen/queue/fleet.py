@@ -68,6 +68,8 @@ class Backend:
     runnable: frozenset[str] | None = None
     #: Model id -> why it cannot run here.
     unavailable: dict[str, str] = attrs.field(factory=dict)
+    #: The LoRA files it has, as found on its last check (None: not known).
+    loras: frozenset[str] | None = None
     #: The checkpoint it last ran (None after an idle unload, or before its first job).
     loaded: str | None = None
     #: False once drained: it finishes what it holds and takes nothing new.
@@ -110,6 +112,9 @@ class Backend:
     def can_run(self, job: Job) -> bool:
         """Whether it has what the job needs. A job no backend can run (accepted before
         they were checked) runs anywhere, to fail there with ComfyUI's own sentence."""
+        if job.request.loras and self.loras is not None:
+            if not all(name in self.loras for name, _ in job.request.loras):
+                return False  # it lacks one of the job's LoRAs
         if self.runnable is None or job.model in self.runnable:
             return True
         return self._fleet is not None and self._fleet.availability.reason(job.model) is not None
@@ -155,9 +160,15 @@ class Backend:
             self.model_loads += 1
         self.loaded = checkpoint
 
-    def checked(self, runnable: frozenset[str] | None, unavailable: dict[str, str]) -> None:
+    def checked(
+        self,
+        runnable: frozenset[str] | None,
+        unavailable: dict[str, str],
+        loras: frozenset[str] | None = None,
+    ) -> None:
         self.runnable = runnable
         self.unavailable = unavailable
+        self.loras = loras
         self._checked_connection = self.session.connections
         if self._fleet is not None:
             self._fleet.changed()
@@ -210,6 +221,14 @@ class Fleet:
             else:
                 reasons[model] = "; ".join(f"{b.unavailable[model]}" for b in backends)
         self.availability.reasons = reasons
+
+    def available_loras(self) -> frozenset[str] | None:
+        """The LoRAs some backend has (None while none was checked): a LoRA none has is
+        refused at submit. O(backends x LoRAs)."""
+        known = [b.loras for b in self.backends.values() if b.loras is not None]
+        if not known:
+            return None
+        return frozenset().union(*known)
 
     def home(self, job: Job) -> Backend | None:
         """The backend the job's prompt was last posted to, if it is one of the fleet."""
@@ -327,7 +346,7 @@ async def check_backend(
             backend.session.label,
             ", ".join(sorted(found.unavailable)) or "none",
         )
-    backend.checked(runnable, dict(found.unavailable))
+    backend.checked(runnable, dict(found.unavailable), found.loras)
     return found.warnings
 
 
