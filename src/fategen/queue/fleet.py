@@ -112,9 +112,9 @@ class Backend:
     def can_run(self, job: Job) -> bool:
         """Whether it has what the job needs. A job no backend can run (accepted before
         they were checked) runs anywhere, to fail there with ComfyUI's own sentence."""
-        if job.request.loras and self.loras is not None:
-            if not all(name in self.loras for name, _ in job.request.loras):
-                return False  # it lacks one of the job's LoRAs
+        loras = self.loras
+        if loras is not None and not all(name in loras for name, _ in job.request.loras):
+            return False  # it lacks one of the job's LoRAs
         if self.runnable is None or job.model in self.runnable:
             return True
         return self._fleet is not None and self._fleet.availability.reason(job.model) is not None
