@@ -146,6 +146,29 @@ async def open_stack(
         outer.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def open_service(
+    tmp_path: Path, **env: str
+) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
+    """The service alone (its ComfyUI backends named in ``env``: ``COMFYUI_PORT=...`` or
+    ``COMFYUI_BACKENDS=...``), and a client for it."""
+    settings = make_settings(tmp_path, **env)
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        running: Running = await nursery.start(run_service, settings, shutdown)
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
+            yield running, client
+        shutdown.set()
+
+
+async def submit(client: httpx.AsyncClient, message: str, nick: str = "alice") -> str:
+    """POST /request; the new job's id (the answer must be 200)."""
+    r = await client.post("/request", json={"message": message, "nick": nick})
+    assert r.status_code == 200, r.text
+    job_id: str = r.json()["job_id"]
+    return job_id
+
+
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with open_stack(tmp_path) as s:

@@ -3,10 +3,9 @@ job in a truthful final state with a clear error; nothing is left ``processing``
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ import pytest
 import trio
 
 import fategen.queue.postprocess
-from conftest import Stack, free_port, make_settings, open_stack
-from fategen.service import Running, run_service
+from conftest import Stack, free_port, open_service, open_stack, submit
 from fategen.simulator import Simulator, SimulatorKnobs
 from fategen.store.jobs import JobStatus, JobStore
 
@@ -49,26 +47,6 @@ class SimServer:
         assert self._scope is not None
         self._scope.cancel()
         await self._stopped.wait()
-
-
-@contextlib.asynccontextmanager
-async def open_service(
-    tmp_path: Path, comfy_port: int, **env: str
-) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
-    settings = make_settings(tmp_path, COMFYUI_PORT=str(comfy_port), **env)
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        running: Running = await nursery.start(run_service, settings, shutdown)
-        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
-            yield running, client
-        shutdown.set()
-
-
-async def submit(client: httpx.AsyncClient, message: str, nick: str = "alice") -> str:
-    r = await client.post("/request", json={"message": message, "nick": nick})
-    assert r.status_code == 200, r.text
-    job_id: str = r.json()["job_id"]
-    return job_id
 
 
 async def wait(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
@@ -110,7 +88,7 @@ async def test_comfy_down_at_start_then_up_runs_queued_jobs(tmp_path: Path) -> N
     with trio.fail_after(30):
         async with (
             trio.open_nursery() as nursery,
-            open_service(tmp_path, port) as (running, client),
+            open_service(tmp_path, COMFYUI_PORT=str(port)) as (running, client),
         ):
             health = (await client.get("/health")).json()
             assert health["comfyui"]["reachable"] is False
@@ -147,7 +125,7 @@ async def test_comfy_dies_mid_job_retried_then_failed(tmp_path: Path, deaths: in
         async with trio.open_nursery() as nursery:
             server = SimServer(sim, nursery, port)
             await server.start()
-            async with open_service(tmp_path, port) as (running, client):
+            async with open_service(tmp_path, COMFYUI_PORT=str(port)) as (running, client):
                 job_id = await submit(client, f"fragile {TINY}")
                 await _kill_while_running(server, job_id, deaths)
                 done = await wait(client, job_id)

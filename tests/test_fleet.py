@@ -20,8 +20,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import free_port, make_settings
-from fategen.service import Running, run_service
+from conftest import free_port, open_service, submit
 
 TINY = "-m tiny -w 256 -h 256"  # 4 steps
 PAINTED = "-m paSanctuary -w 256 -h 256"  # 30 steps
@@ -136,26 +135,6 @@ def entry(s: SimProcess, token: str | None = None) -> str:
     return f"{s.name}={s.url}" + ("" if token is None else f";token={token}")
 
 
-@contextlib.asynccontextmanager
-async def open_service(
-    tmp_path: Path, backends: str, **env: str
-) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
-    settings = make_settings(tmp_path, COMFYUI_BACKENDS=backends, **env)
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        running: Running = await nursery.start(run_service, settings, shutdown)
-        async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
-            yield running, client
-        shutdown.set()
-
-
-async def submit(client: httpx.AsyncClient, message: str, nick: str = "alice") -> str:
-    r = await client.post("/request", json={"message": message, "nick": nick})
-    assert r.status_code == 200, r.text
-    job_id: str = r.json()["job_id"]
-    return job_id
-
-
 async def submit_all(client: httpx.AsyncClient, messages: list[str]) -> list[str]:
     """Submit at once (concurrent requests), each from its own nick; ids in message order."""
     ids: list[str] = [""] * len(messages)
@@ -243,7 +222,7 @@ async def test_jobs_go_where_their_checkpoint_is_installed(tmp_path: Path) -> No
     with trio.fail_after(30):
         async with (
             open_sims(a, b),
-            open_service(tmp_path, f"{entry(a)},{entry(b)}") as (_, client),
+            open_service(tmp_path, COMFYUI_BACKENDS=f"{entry(a)},{entry(b)}") as (_, client),
         ):
             views = await wait_checked(client, "a", "b")
             assert "paSanctuary" not in views["a"]["models"]
@@ -280,7 +259,7 @@ async def test_a_model_no_backend_has_is_refused_naming_what_is_missing(tmp_path
     with trio.fail_after(20):
         async with (
             open_sims(a, b),
-            open_service(tmp_path, f"{entry(a)},{entry(b)}") as (_, client),
+            open_service(tmp_path, COMFYUI_BACKENDS=f"{entry(a)},{entry(b)}") as (_, client),
         ):
             await wait_checked(client, "a", "b")
             models = {m["id"]: m for m in (await client.get("/models")).json()["models"]}
@@ -317,7 +296,7 @@ async def test_a_backend_killed_mid_job_loses_it_to_the_other(tmp_path: Path) ->
     with trio.fail_after(40):
         async with (
             open_sims(a, b),
-            open_service(tmp_path, f"{entry(a)},{entry(b)}") as (_, client),
+            open_service(tmp_path, COMFYUI_BACKENDS=f"{entry(a)},{entry(b)}") as (_, client),
         ):
             await wait_checked(client, "a", "b")
             ids = await submit_all(client, [f"slow {i} {SLOW}" for i in range(4)])
@@ -378,7 +357,7 @@ async def test_a_backend_enabled_while_another_dies_takes_its_jobs_calmly(
     with trio.fail_after(30):
         async with (
             open_sims(a, b),
-            open_service(tmp_path, f"{entry(a)},{entry(b)}") as (_, client),
+            open_service(tmp_path, COMFYUI_BACKENDS=f"{entry(a)},{entry(b)}") as (_, client),
         ):
             await wait_checked(client, "a", "b")
             await admin(client, "b", "drain")
@@ -407,7 +386,7 @@ async def test_a_backend_that_comes_back_is_used_again(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with (
             open_sims(a, b),
-            open_service(tmp_path, f"{entry(a)},{entry(b)}") as (_, client),
+            open_service(tmp_path, COMFYUI_BACKENDS=f"{entry(a)},{entry(b)}") as (_, client),
         ):
             await wait_checked(client, "a", "b")
             await a.kill()
@@ -442,7 +421,7 @@ async def test_drain_and_enable(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with (
             open_sims(a, b),
-            open_service(tmp_path, f"{entry(a)},{entry(b)}") as (_, client),
+            open_service(tmp_path, COMFYUI_BACKENDS=f"{entry(a)},{entry(b)}") as (_, client),
         ):
             await wait_checked(client, "a", "b")
             assert (await client.get("/ready")).status_code == 200
@@ -490,7 +469,7 @@ async def test_a_backend_with_its_token_runs_jobs(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with (
             open_sims(locked, plain),
-            open_service(tmp_path, backends_env) as (_, client),
+            open_service(tmp_path, COMFYUI_BACKENDS=backends_env) as (_, client),
         ):
             await wait_checked(client, "locked", "plain")
             await admin(client, "plain", "drain")
@@ -509,7 +488,7 @@ async def test_a_backend_with_a_wrong_token_never_comes_up(tmp_path: Path) -> No
     with trio.fail_after(20):
         async with (
             open_sims(locked, plain),
-            open_service(tmp_path, backends_env) as (_, client),
+            open_service(tmp_path, COMFYUI_BACKENDS=backends_env) as (_, client),
         ):
             started = trio.current_time()
             await wait_checked(client, "plain")
