@@ -91,7 +91,8 @@ def test_render_result(tmp_path: Path) -> None:
     blobs = [png(solid(c, (64, 64))) for c in (RED, GREEN, BLUE)]
     path = render_result(blobs, tmp_path, "job-1")
     assert path == tmp_path / "job-1.webp"
-    assert files(tmp_path) == ["job-1.webp"]
+    # The grid, and each image of it (1-based).
+    assert files(tmp_path) == ["job-1-1.webp", "job-1-2.webp", "job-1-3.webp", "job-1.webp"]
     with Image.open(path) as image:
         assert image.format == "WEBP"
         assert image.size == (192, 64)
@@ -105,7 +106,7 @@ def test_a_complete_result_already_there_is_the_jobs_result(tmp_path: Path) -> N
     before = first.read_bytes()
     again = render_result([png(solid(BLUE, (32, 32)))], tmp_path, "job-1")
     assert again == first and again.read_bytes() == before
-    assert files(tmp_path) == ["job-1.webp"]
+    assert files(tmp_path) == ["job-1-1.webp", "job-1-2.webp", "job-1.webp"]
 
 
 def test_an_unreadable_file_of_that_name_is_replaced(tmp_path: Path) -> None:
@@ -142,5 +143,6 @@ async def test_render_result_async(tmp_path: Path) -> None:
                         render_result_async, blobs, tmp_path, f"par-{n}", limiter=limiter
                     )
                 )
-    assert files(tmp_path) == ["job-3.webp", "par-0.webp", "par-1.webp", "par-2.webp"]
+    grids = ["job-3", "par-0", "par-1", "par-2"]
+    assert files(tmp_path) == sorted(f"{g}{n}.webp" for g in grids for n in ("", "-1", "-2"))
     assert 2 <= postprocess.RENDER_LIMITER.total_tokens <= postprocess.CONCURRENT_JOBS

@@ -78,9 +78,11 @@ def job_response(view: JobView) -> JobResponse:
     r = view.request
     image_url = None
     result = None
+    images: list[str] = []
     if view.result is not None:
         result = str(state().output_dir / view.result)
         image_url = f"{base_url()}/job/{view.id}/image"
+        images = [f"{image_url}/{n}" for n in range(1, r.count + 1)]
     return JobResponse(
         job_id=view.id,
         status=view.status.value,
@@ -116,4 +118,5 @@ def job_response(view: JobView) -> JobResponse:
             for d in view.webhooks
         ],
         retry_of=view.retry_of,
+        images=images,
     )

@@ -1,4 +1,4 @@
-"""Routes of jobs: submit (``POST /request``), look up, long-poll, fetch the image, cancel."""
+"""Routes of jobs: submit (``POST /request``), look up, long-poll, fetch the images, cancel."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from fategen.api.schemas import (
     SubmitResponse,
     WaitQuery,
 )
+from fategen.store.jobs import JobView
+from fategen.store.retention import image_path
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -106,11 +108,33 @@ async def cancel_job(job_id: str, query_args: CancelQuery) -> tuple[JobResponse,
 @blueprint.get("/job/<job_id>/image")
 @validate_response(ErrorResponse, 404)
 async def get_image(job_id: str) -> Response:
-    """The finished WebP (image/webp)."""
+    """The finished WebP (image/webp): the grid of all the job's images."""
     view = await find_job(job_id)
     if view.result is None:
         raise Refused(f"job {view.id} has no image (it is {view.status.value})", 404)
-    path = state().output_dir / Path(view.result).name
+    return await _send_image(view, state().output_dir / Path(view.result).name)
+
+
+@blueprint.get("/job/<job_id>/image/<n>")
+@validate_response(ErrorResponse, 404)
+async def get_each_image(job_id: str, n: str) -> Response:
+    """Image ``n`` (1 for the first) of a finished job, alone (image/webp)."""
+    view = await find_job(job_id)
+    if view.result is None:
+        raise Refused(f"job {view.id} has no images yet (it is {view.status.value})", 404)
+    count = view.request.count
+    if not (n.isascii() and n.isdigit() and 1 <= int(n) <= count):
+        which = "1" if count == 1 else f"1 to {count}"
+        plural = "image" if count == 1 else "images"
+        raise Refused(f"job {view.id} has {count} {plural}; ask for {which}", 404)
+    if count == 1:  # the grid of one image is that image
+        path = state().output_dir / Path(view.result).name
+    else:
+        path = image_path(state().output_dir, view.id, int(n))
+    return await _send_image(view, path)
+
+
+async def _send_image(view: JobView, path: Path) -> Response:
     if not await trio.Path(path).is_file():
         raise Refused(f"the image of job {view.id} is gone (pruned or deleted)", 404)
     # A job's image never changes: conditional requests (If-None-Match, If-Modified-Since)

@@ -145,6 +145,14 @@ class JobResponse:
     retry_of: Annotated[
         str | None, _d("The failed or cancelled job this one retries (an operator's retry).")
     ] = None
+    images: Annotated[
+        list[str],
+        _d(
+            "URL of each image, first to last (GET /job/{id}/image/{n}, n from 1); empty "
+            "until the job has completed.",
+            [f"{_BASE}/job/{_JOB_ID}/image/1"],
+        ),
+    ] = attrs.field(factory=list)
 
 
 @attrs.frozen

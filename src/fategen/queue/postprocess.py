@@ -33,6 +33,7 @@ from fategen.comfy.wire import ImageRef
 from fategen.core.grid import decode_images, encode_webp, make_grid
 from fategen.errors import FategenError, ImageError
 from fategen.store.jobs import Job, JobStatus, JobStore, result_path
+from fategen.store.retention import image_path
 
 log = logging.getLogger("fategen.postprocess")
 
@@ -164,23 +165,30 @@ def existing_result(out_dir: Path, job_id: str) -> Path | None:
     decode is removed, to be written again.
     """
     path = result_path(out_dir, job_id)
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except FileNotFoundError:
-        return None
-    except Exception:  # Pillow raises many kinds for a broken file
-        log.warning("removing the unreadable result file %s; it is made again", path)
-        with contextlib.suppress(OSError):
-            path.unlink()
+    if not _whole_file(path):
         return None
     log.info("job %s: its result %s was already written; using it", job_id, path.name)
     return path
 
 
+def _whole_file(path: Path) -> bool:
+    """Whether ``path`` is an image that decodes (blocking); one that does not is removed."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        return False
+    except Exception:  # Pillow raises many kinds for a broken file
+        log.warning("removing the unreadable result file %s; it is made again", path)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return False
+    return True
+
+
 def remove_partial_results(out_dir: Path) -> int:
-    """Delete temporary files a crash left mid-write (``.<id>.webp.<hex>.tmp``); how many
-    (blocking: run at start-up)."""
+    """Delete temporary files a crash left mid-write (``.<id>.webp.<hex>.tmp``, and
+    ``.<id>-<n>.webp.<hex>.tmp`` of each image); how many (blocking: run at start-up)."""
     removed = 0
     for temp in out_dir.glob(".*.webp.*.tmp"):
         try:
@@ -265,27 +273,42 @@ def render_result(
 ) -> Path:
     """Decode, grid, encode and write ``out_dir / f"{job_id}.webp"`` (blocking).
 
-    A complete file of that name already there is the job's result (an earlier run wrote
-    it and died before recording it) and is kept.
+    With more than one image, each is written first, as ``{job_id}-{n}.webp`` (n from 1,
+    `image_path`), then the grid: a grid on disk means the job's images are all there.
+    A complete file of one of these names already there (an earlier run wrote it and died
+    before recording the job) is kept.
 
     Raises:
-        ImageError: corrupt input, no images, or the file cannot be written.
+        ImageError: corrupt input, no images, or a file cannot be written.
         ValueError: ``job_id`` is not a plain file name.
     """
     if not job_id or job_id.startswith(".") or any(c in job_id for c in "/\\\0"):
         raise ValueError(f"job id {job_id!r} cannot be a file name")
-    image = make_grid(decode_images(blobs))
+    images = decode_images(blobs)
+    grid = make_grid(images)
+    if len(images) > 1:
+        for n, image in enumerate(images, 1):
+            if image.mode not in ("RGB", "RGBA"):
+                image = image.convert("RGB")
+            data = encode_webp(image, quality=quality, method=method)
+            _write_or_keep(image_path(out_dir, job_id, n), data)
     path = result_path(out_dir, job_id)
-    data = encode_webp(image, quality=quality, method=method)
+    _write_or_keep(path, encode_webp(grid, quality=quality, method=method))
+    return path
+
+
+def _write_or_keep(path: Path, data: bytes) -> None:
+    """`write_atomic`, keeping a whole file of that name already there (blocking)."""
     try:
         write_atomic(path, data)
     except ResultExists:
-        # fategen died between writing this job's result and recording it: the file is
-        # whole (written atomically) and is the result. One that does not decode is
-        # removed by `existing_result` and written again.
-        if existing_result(out_dir, job_id) is None:
+        # fategen died between writing this job's files and recording it: the file is
+        # whole (written atomically) and is kept. One that does not decode is removed by
+        # `_whole_file` and written again.
+        if not _whole_file(path):
             write_atomic(path, data)
-    return path
+        else:
+            log.info("%s was already written; using it", path.name)
 
 
 async def render_result_async(

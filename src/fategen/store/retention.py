@@ -1,5 +1,8 @@
 """Retention: finished jobs and their images are deleted once older than a configured age.
 
+A job's images are its grid (``<id>.webp``) and, when it made more than one, each image
+(``<id>-<n>.webp``, n from 1; `image_path`).
+
 `prune` does one pass, `BATCH` jobs at a time: it asks SQLite for the expired ids (finished
 jobs are not all in memory), deletes their images in a worker thread, then their rows in one
 transaction. `Pruner.run` is the actor that calls it at start-up and then every ``every``
@@ -26,19 +29,39 @@ log = logging.getLogger("fategen.retention")
 BATCH = 500
 
 
-def _delete_files(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("could not delete %s: %s", path, exc.strerror)
+def image_path(output_dir: Path, job_id: str, n: int) -> Path:
+    """The file of image ``n`` (1-based) of a job of more than one image."""
+    return output_dir / f"{job_id}-{n}.webp"
+
+
+def result_files(output_dir: Path, job_id: str) -> list[Path]:
+    """A job's files, to delete in this order (blocking): its images last to first, then its
+    grid. They are written first to last, grid last, and deleted from the end, so a pass cut
+    short leaves images 1 to k, all found by the next pass."""
+    paths: list[Path] = []
+    n = 1
+    while (path := image_path(output_dir, job_id, n)).exists():
+        paths.append(path)
+        n += 1
+    return [*reversed(paths), result_path(output_dir, job_id)]
+
+
+def _delete_files(output_dir: Path, job_ids: list[str]) -> None:
+    """Delete the jobs' files (blocking: one thread call per batch)."""
+    for job_id in job_ids:
+        for path in result_files(output_dir, job_id):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not delete %s: %s", path, exc.strerror)
 
 
 async def prune(
     store: JobStore, output_dir: Path, *, max_age: float, now: float, batch: int = BATCH
 ) -> int:
     """Delete the jobs that finished more than ``max_age`` seconds before ``now``, ``batch``
-    at a time: images first (in a thread), then rows (one commit). Returns how many went.
+    at a time: files first (grids and each image, in a thread), then rows (one commit).
+    Returns how many went.
 
     An image is deleted before its row: a pass cut short leaves rows whose images are gone
     (deleted by the next pass), never images no row points to."""
@@ -48,9 +71,7 @@ async def prune(
         doomed = await store.finished_before(before, batch)
         if not doomed:
             break
-        await trio.to_thread.run_sync(
-            _delete_files, [result_path(output_dir, job_id) for job_id in doomed]
-        )
+        await trio.to_thread.run_sync(_delete_files, output_dir, doomed)
         await store.delete(doomed)
         total += len(doomed)
         if len(doomed) < batch:
