@@ -150,6 +150,13 @@ async def positions_of(
     raise AssertionError(f"the queue never held still: {previous}")
 
 
+def result_files(job_id: str, count: int) -> list[str]:
+    """The files a completed job leaves: its grid, and each image when it has several."""
+    return [f"{job_id}.webp"] + (
+        [f"{job_id}-{n}.webp" for n in range(1, count + 1)] if count > 1 else []
+    )
+
+
 def executions(sim: Simulator) -> Counter[str]:
     return Counter(e.prompt_id for e in sim.executions)
 
@@ -223,7 +230,9 @@ async def test_kill_right_after_post_and_finished_jobs_survive(tmp_path: Path) -
             for before in (ok_done, bad_done):
                 now = await wait_done(service.url, before["job_id"])
                 # The same answer, but for the port (a new one after the restart).
-                assert now | {"image_url": None} == before | {"image_url": None}
+                # The links name the service's address, which changes with each start.
+                links = {"image_url": None, "images": None}
+                assert now | links == before | links
             assert bad_done["error"]
             r = await get(service.url, f"/job/{ok['job_id']}/image")
             assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
@@ -314,6 +323,10 @@ async def test_kill_during_post_processing_fails_no_job(tmp_path: Path) -> None:
             if not picture.exists():
                 from PIL import Image
 
+                # What a render leaves before it is recorded: each image, then the grid.
+                count = rows[written]["request"]["count"]
+                for name in result_files(written, count)[1:]:
+                    Image.new("RGB", (32, 32), (1, 2, 3)).save(output / name, format="WEBP")
                 Image.new("RGB", (64, 32), (1, 2, 3)).save(picture, format="WEBP")
             before = picture.read_bytes()
             leftover = output / f".{partial}.webp.0123456789abcdef.tmp"
@@ -326,7 +339,8 @@ async def test_kill_during_post_processing_fails_no_job(tmp_path: Path) -> None:
     assert executions(sim) == Counter(ids), "no prompt ran twice on ComfyUI"
     assert picture.read_bytes() == before, "the result written before the kill was kept"
     assert not leftover.exists()
-    assert sorted(p.name for p in output.iterdir()) == sorted(f"{i}.webp" for i in ids)
+    expected = [n for d in done for n in result_files(d["job_id"], d["count"])]
+    assert sorted(p.name for p in output.iterdir()) == sorted(expected)
     assert "ComfyUI had finished it; making its image" in log
     assert "interrupted" not in " ".join(str(d["error"]) for d in done)
 
@@ -380,7 +394,12 @@ async def test_random_kills_under_submit_bursts_lose_fail_and_repeat_nothing(
     ran = executions(sim)
     assert all(ran[i] == 1 for i in done), [i for i in done if ran[i] != 1]
     output = tmp_path / "output"
-    expected = {f"{i}.webp" for i, d in done.items() if d["status"] == "completed"}
+    expected = {
+        n
+        for i, d in done.items()
+        if d["status"] == "completed"
+        for n in result_files(i, d["count"])
+    }
     assert {p.name for p in output.iterdir()} == expected, "no partial or orphan files"
     assert "Traceback" not in log
 
