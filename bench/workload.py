@@ -120,6 +120,23 @@ async def run_direct(sim_url: str, graphs: Sequence[dict[str, Any]]) -> dict[str
     return {"start": start, "done": done, "ids": ids}
 
 
+async def wait_completed(client: httpx.AsyncClient, job_id: str) -> None:
+    """Long-poll ``/wait`` until the job ends, which must be ``completed``; a connection
+    reset is asked again (three times)."""
+    failures = 0
+    while True:
+        try:
+            response = await client.get(f"/wait/{job_id}", params={"timeout": 300})
+        except httpx.TransportError:
+            failures += 1  # a connection reset: ask again
+            if failures > 3:
+                raise
+            continue
+        if response.status_code == 200:
+            assert response.json()["status"] == "completed", response.text
+            return
+
+
 async def post_once(
     client: httpx.AsyncClient, body: dict[str, Any], *, key: str, attempts: int = 4
 ) -> httpx.Response:
@@ -158,19 +175,8 @@ async def run_fategen(url: str, lines: Sequence[Line], *, clients: int = 4) -> d
     try:
 
         async def wait(client: httpx.AsyncClient, job_id: str) -> None:
-            failures = 0
-            while True:
-                try:
-                    response = await client.get(f"/wait/{job_id}", params={"timeout": 300})
-                except httpx.TransportError:
-                    failures += 1  # a connection reset: ask again
-                    if failures > 3:
-                        raise
-                    continue
-                if response.status_code == 200:
-                    assert response.json()["status"] == "completed", response.text
-                    answered[job_id] = time.time()
-                    return
+            await wait_completed(client, job_id)
+            answered[job_id] = time.time()
 
         async with trio.open_nursery() as nursery:
             start = time.time()

@@ -267,20 +267,6 @@ async def _submit_and_wait(url: str, jobs: Sequence[Job]) -> dict[str, Any]:
             for nick in by_user
         }
 
-        async def wait(client: httpx.AsyncClient, job_id: str) -> None:
-            failures = 0
-            while True:
-                try:
-                    response = await client.get(f"/wait/{job_id}", params={"timeout": 300})
-                except httpx.TransportError:
-                    failures += 1  # a connection reset: ask again
-                    if failures > 3:
-                        raise
-                    continue
-                if response.status_code == 200:
-                    assert response.json()["status"] == "completed", response.text
-                    return
-
         async def post(nick: str, nursery: trio.Nursery) -> None:
             client = clients[nick]
             for index in by_user[nick]:
@@ -288,7 +274,7 @@ async def _submit_and_wait(url: str, jobs: Sequence[Job]) -> dict[str, Any]:
                 response = await workload.post_once(client, body, key=f"{run_key}-{index}")
                 accepted[index] = time.time()
                 ids[index] = response.json()["job_id"]
-                nursery.start_soon(wait, client, ids[index])
+                nursery.start_soon(workload.wait_completed, client, ids[index])
 
         async with trio.open_nursery() as nursery:
             start = time.time()
