@@ -33,3 +33,8 @@ class JobTimeout(FategenError):
 
 class ImageError(FategenError):
     """The result images could not be read, combined or written."""
+
+
+class InputImageError(FategenError):
+    """An input image that cannot be used (not fetched, too large, not an image); ``str()``
+    is one line for the user."""

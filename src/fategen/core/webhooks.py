@@ -5,7 +5,7 @@ and what a delivery carries (pure: no I/O; resolving and sending are in
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 import attrs
@@ -44,37 +44,50 @@ def next_attempt(attempts: int, now: float) -> float | None:
     return now + RETRY_SCHEDULE[attempts]
 
 
-def url_refusal(url: str) -> str | None:
+def url_refusal(url: str, *, what: str = "the webhook URL") -> str | None:
     """Why ``url`` cannot be a webhook URL (one sentence), before any look-up; None if it
-    may be."""
+    may be. ``what`` names the URL in the sentence (``"the image URL"``)."""
     if len(url) > MAX_URL:
-        return f"the webhook URL is longer than {MAX_URL} characters"
+        return f"{what} is longer than {MAX_URL} characters"
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        return "the webhook URL is not a valid URL"
+        return f"{what} is not a valid URL"
     if parts.scheme not in ("http", "https"):
-        return "the webhook URL must start with http:// or https://"
+        return f"{what} must start with http:// or https://"
     if not parts.hostname:
-        return "the webhook URL has no host"
+        return f"{what} has no host"
     if parts.username is not None or parts.password is not None:
-        return "the webhook URL must not hold a user name or password"
+        return f"{what} must not hold a user name or password"
     if port == 0:
-        return "the webhook URL's port must be from 1 to 65535"
+        return f"{what}'s port must be from 1 to 65535"
     return None
 
 
-def address_refusal(host: str, addresses: Iterable[str]) -> str | None:
+def address_refusal(
+    host: str,
+    addresses: Iterable[str],
+    *,
+    what: str = "webhook host",
+    action: str = "call",
+    allowed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+) -> str | None:
     """Why a webhook to ``host``, which resolves to ``addresses``, is refused: any loopback,
     private, link-local, multicast, reserved or unspecified address (a bot must not make
-    fategen call into the operator's network). None if every address is public."""
+    fategen call into the operator's network). None if every address is public.
+
+    ``what`` and ``action`` word the sentence for another use ("the image host ... which
+    fategen does not fetch from"); an address inside one of the ``allowed`` networks is
+    taken even if private (an operator's internal CDN)."""
     found = False
     for text in addresses:
         found = True
         address = ipaddress.ip_address(text.split("%", 1)[0])
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
+        if any(address in network for network in allowed):
+            continue
         if (
             address.is_loopback
             or address.is_private
@@ -85,9 +98,9 @@ def address_refusal(host: str, addresses: Iterable[str]) -> str | None:
             or not address.is_global
         ):
             return (
-                f"the webhook host {host!r} resolves to {address}, a loopback, private or "
-                "link-local address, which fategen does not call"
+                f"the {what} {host!r} resolves to {address}, a loopback, private or "
+                f"link-local address, which fategen does not {action}"
             )
     if not found:
-        return f"the webhook host {host!r} does not resolve"
+        return f"the {what} {host!r} does not resolve"
     return None
