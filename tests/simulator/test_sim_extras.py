@@ -44,8 +44,9 @@ async def test_executions_lists_runs_in_order_with_wall_clock_times() -> None:
     assert list(answer.json()) == ["executions"]
     assert [e["prompt_id"] for e in executions] == [first, second]
     assert [sorted(e) for e in executions] == [
-        ["checkpoint", "ended", "prompt_id", "started", "status"]
+        ["checkpoint", "ended", "input_images", "prompt_id", "started", "status"]
     ] * 2
+    assert [e["input_images"] for e in executions] == [[], []]
     assert [(e["status"], e["checkpoint"]) for e in executions] == [
         ("success", None),
         ("success", TINY_CKPT),

@@ -1,7 +1,8 @@
 """``python -m fategen.simulator --port 8188``: run the ComfyUI simulator until interrupted.
 
-``--token`` makes it answer 401 without ``Authorization: Bearer <token>``; ``--name`` prefixes
-its log lines (one line per executed prompt, at INFO).
+``--checkpoint``, ``--lora`` and ``--upscale-model`` (each repeatable) set the model files it
+has; ``--token`` makes it answer 401 without ``Authorization: Bearer <token>``; ``--name``
+prefixes its log lines (one line per executed prompt, at INFO).
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def main(argv: list[str] | None = None) -> None:
         + ")",
     )
     parser.add_argument(
+        "--upscale-model",
+        action="append",
+        dest="upscale_models",
+        help="an upscale model file name ComfyUI has (repeatable; default: "
+        + ", ".join(defaults.upscale_models)
+        + ")",
+    )
+    parser.add_argument(
         "--token",
         help="require the header 'Authorization: Bearer TOKEN' on every request (default: none)",
     )
@@ -75,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         knobs.checkpoints = list(args.checkpoints)
     if args.loras:
         knobs.loras = list(args.loras)
+    if args.upscale_models:
+        knobs.upscale_models = list(args.upscale_models)
     simulator = Simulator(knobs)
     try:
         trio.run(partial(serve_until_signalled, simulator, args.host, args.port))

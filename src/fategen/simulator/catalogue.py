@@ -2,7 +2,9 @@
 
 Specs come from ``object_info.json`` (entries recorded from ComfyUI 0.33, see
 /work/shared/comfyui-protocol); the choice lists that depend on files (``ckpt_name``,
-``lora_name``, ``LoadImage.image``) are filled from the simulator's state when asked.
+``lora_name``, ``UpscaleModelLoader.model_name``, ``LoadImage.image``) are filled from the
+simulator's state when asked: in slot 0 of a classic (V1) spec, ``[[choices...], {...}]``, or
+in the ``options`` of a ``["COMBO", {"options": [...]}]`` spec (V3 nodes).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ _FILE_CHOICES = {
     ("LoraLoader", "lora_name"): "loras",
     ("LoraLoaderModelOnly", "lora_name"): "loras",
     ("LoadImage", "image"): "inputs",
+    ("UpscaleModelLoader", "model_name"): "upscale_models",
 }
 
 
@@ -50,29 +53,60 @@ def hidden_inputs(class_type: str) -> list[str]:
     return list(_NODES[class_type]["input"].get("hidden", {}))
 
 
+def combo_choices(spec: Sequence[Any]) -> list[Any] | None:
+    """The choices of a combo input spec (either shape), or None if it is not a combo."""
+    kind = spec[0]
+    if isinstance(kind, list):
+        return kind
+    if kind == "COMBO":
+        options: dict[str, Any] = spec[1] if len(spec) > 1 else {}
+        return list(options.get("options", []))
+    return None
+
+
 def node_info(
     class_type: str,
     *,
     checkpoints: Sequence[str],
     input_images: Sequence[str],
     loras: Sequence[str] = (),
+    upscale_models: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The object_info entry of one class, with its file choice lists filled in."""
-    files = {"checkpoints": checkpoints, "inputs": input_images, "loras": loras}
+    files = {
+        "checkpoints": checkpoints,
+        "inputs": input_images,
+        "loras": loras,
+        "upscale_models": upscale_models,
+    }
     info = copy.deepcopy(_NODES[class_type])
     for section in info["input"].values():
         for name, spec in section.items():
             source = _FILE_CHOICES.get((class_type, name))
-            if source is not None:
+            if source is None:
+                continue
+            if spec[0] == "COMBO":
+                spec[1]["options"] = list(files[source])
+            else:
                 spec[0] = list(files[source])
     return info
 
 
 def object_info(
-    *, checkpoints: Sequence[str], input_images: Sequence[str], loras: Sequence[str] = ()
+    *,
+    checkpoints: Sequence[str],
+    input_images: Sequence[str],
+    loras: Sequence[str] = (),
+    upscale_models: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The whole GET /object_info answer."""
     return {
-        name: node_info(name, checkpoints=checkpoints, input_images=input_images, loras=loras)
+        name: node_info(
+            name,
+            checkpoints=checkpoints,
+            input_images=input_images,
+            loras=loras,
+            upscale_models=upscale_models,
+        )
         for name in _NODES
     }

@@ -11,6 +11,8 @@ binary frames go to everyone when the prompt has no ``client_id``; the rest only
 from __future__ import annotations
 
 import logging
+import math
+import posixpath
 import random
 import string
 import time
@@ -20,15 +22,19 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
-from fategen.simulator import catalogue, graph, render
+from fategen.simulator import catalogue, graph, imagespec, render
 from fategen.simulator.hub import Hub
 from fategen.simulator.knobs import ExecutionRecord, ExecutionStatus, JobFaults, SimulatorKnobs
 from fategen.simulator.prompt_queue import PromptQueue, QueueItem
-from fategen.simulator.store import ImageStore, OutsideOutputFolder
+from fategen.simulator.store import ImageStore, OutsideOutputFolder, annotated_path
 
 logger = logging.getLogger(__name__)
 
 _PNG_FRAME = (1).to_bytes(4, "big") + (2).to_bytes(4, "big")
+#: The recorded server's ComfyUI folder (paths in its error messages).
+_COMFYUI_DIR = "/srv/ComfyUI"
+#: ImageUpscaleWithModel's tiles: 512 pixels, overlapping by 32 (one progress step each).
+_TILE, _OVERLAP = 512, 32
 
 
 class NodeFailure(Exception):
@@ -158,7 +164,7 @@ class Engine:
 
     def _prepare(self, item: QueueItem) -> _Run:
         prompt = item.converted
-        signatures = graph.signatures(prompt)
+        signatures = graph.signatures(prompt, self._is_changed(prompt))
         if not self.knobs.caching:
             self._cache.clear()
         # ComfyUI's classic cache keeps only what the current prompt can use.
@@ -176,6 +182,15 @@ class Engine:
         ]
         run.fault_node = samplers[0] if samplers else run.order[-1]
         return run
+
+    def _is_changed(self, prompt: dict[str, Any]) -> dict[str, str]:
+        """``LoadImage``'s ``IS_CHANGED``: a digest of the file it loads, by node id."""
+        changed = {}
+        for node_id, node in prompt.items():
+            if node["class_type"] == "LoadImage":
+                stored = self.store.find(str(node["inputs"]["image"]))
+                changed[node_id] = stored.etag if stored is not None else ""
+        return changed
 
     def _loader_ready(self, node: dict[str, Any]) -> bool:
         if node["class_type"] != "CheckpointLoaderSimple":
@@ -255,6 +270,7 @@ class Engine:
             prompt_id=run.item.prompt_id,
             checkpoint=graph.first_checkpoint(run.prompt),
             loras=graph.lora_names(run.prompt),
+            input_images=graph.input_image_names(run.prompt),
             status=status,
             started=started[0],
             finished=trio.current_time(),
@@ -367,8 +383,18 @@ class Engine:
                 f"Model in folder 'loras' with filename '{inputs['lora_name']}' not found.",
                 "FileNotFoundError",
             )
-        elif class_type == "LoadImage" and str(inputs["image"]) not in self.store.input_images():
-            raise NodeFailure(f"Invalid image file: {inputs['image']}", "FileNotFoundError")
+        elif class_type == "UpscaleModelLoader" and (
+            str(inputs["model_name"]) not in self.knobs.upscale_models
+        ):
+            raise NodeFailure(
+                f"Model in folder 'upscale_models' with filename '{inputs['model_name']}' "
+                "not found.",
+                "FileNotFoundError",
+            )
+        elif class_type == "LoadImage":
+            await self._load_image(str(inputs["image"]))
+        elif class_type == "ImageUpscaleWithModel":
+            return await self._upscale(run, node_id), None
         elif class_type in ("SaveImage", "PreviewImage"):
             return 1.0, await self._save(run, node_id)
         elif class_type == "SaveImageWebsocket":
@@ -389,10 +415,43 @@ class Engine:
         self.model_loads += 1
         self.loaded_checkpoint = name
 
+    async def _load_image(self, name: str) -> None:
+        """Fail like ComfyUI's ``LoadImage`` when the file went away or cannot be decoded (its
+        PyAV reader raises ``InvalidDataError``)."""
+        stored = self.store.find(name)
+        if stored is None:
+            raise NodeFailure(f"Invalid image file: {name}", "FileNotFoundError")
+        try:
+            await trio.to_thread.run_sync(render.decode, stored.data, limiter=self._limiter)
+        except (OSError, ValueError) as exc:
+            folder, subfolder, filename = annotated_path(name)
+            path = posixpath.join(_COMFYUI_DIR, folder, subfolder, filename)
+            raise NodeFailure(
+                f"[Errno 1094995529] Invalid data found when processing input: '{path}'",
+                "av.error.InvalidDataError",
+            ) from exc
+
+    async def _upscale(self, run: _Run, node_id: str) -> int:
+        """ImageUpscaleWithModel: one progress step per tile of its input, ``step_seconds``
+        each (``comfy.utils.get_tiled_scale_steps``)."""
+        link = run.prompt[node_id]["inputs"]["image"]
+        spec = imagespec.image_spec(run.prompt, link, self.store.size_of)
+        stride = _TILE - _OVERLAP
+        tiles = spec.batch_size * math.ceil(spec.height / stride) * math.ceil(spec.width / stride)
+        for tile in range(1, tiles + 1):
+            await trio.sleep(self.knobs.step_seconds)
+            self._set_progress(run, node_id, tile, tiles, "running")
+            self.hub.send(
+                "progress",
+                {"value": tile, "max": tiles, "prompt_id": run.item.prompt_id, "node": node_id},
+                run.client,
+            )
+        return tiles
+
     async def _sample(self, run: _Run, node_id: str) -> int:
         steps = int(run.prompt[node_id]["inputs"]["steps"])
         method = run.item.extra_data.get("preview_method")
-        spec = graph.image_spec(run.prompt, [node_id, 0], self.store.input_sizes())
+        spec = imagespec.image_spec(run.prompt, [node_id, 0], self.store.size_of)
         for step in range(1, steps + 1):
             await trio.sleep(self.knobs.step_seconds)
             self._set_progress(run, node_id, step, steps, "running")
@@ -421,19 +480,17 @@ class Engine:
                 await self._fault_point(run, node_id)
         return steps
 
-    async def _render(self, spec: graph.ImageSpec) -> list[bytes]:
-        if spec.input_image is not None:
-            stored = self.store.get("input", "", spec.input_image)
-            if stored is not None:
-                return [stored.data]
-        return [
-            await trio.to_thread.run_sync(render.render_png, spec, index, limiter=self._limiter)
-            for index in range(spec.batch_size)
-        ]
+    async def _render(self, spec: imagespec.ImageSpec, index: int) -> bytes:
+        """Image ``index`` of the batch as PNG, from the input image when it has one."""
+        stored = self.store.find(spec.input_image) if spec.input_image is not None else None
+        source = stored.data if stored is not None else None
+        return await trio.to_thread.run_sync(
+            render.render_png, spec, index, source, limiter=self._limiter
+        )
 
     async def _save(self, run: _Run, node_id: str) -> dict[str, Any]:
         node = run.prompt[node_id]
-        spec = graph.image_spec(run.prompt, node["inputs"]["images"], self.store.input_sizes())
+        spec = imagespec.image_spec(run.prompt, node["inputs"]["images"], self.store.size_of)
         if node["class_type"] == "SaveImage":
             folder, prefix = "output", str(node["inputs"].get("filename_prefix", "ComfyUI"))
         else:
@@ -443,19 +500,15 @@ class Engine:
             subfolder, names = self.store.reserve(folder, prefix, spec.batch_size)
         except OutsideOutputFolder as exc:
             raise NodeFailure(str(exc)) from exc
-        images = await self._render(spec)
-        for name, data in zip(names, images, strict=False):
-            self.store.put(folder, subfolder, name, data)
+        for index, name in enumerate(names):
+            self.store.put(folder, subfolder, name, await self._render(spec, index))
         return {
-            "images": [
-                {"filename": name, "subfolder": subfolder, "type": folder}
-                for name in names[: len(images)]
-            ]
+            "images": [{"filename": name, "subfolder": subfolder, "type": folder} for name in names]
         }
 
     async def _save_websocket(self, run: _Run, node_id: str) -> int:
         link = run.prompt[node_id]["inputs"]["images"]
-        spec = graph.image_spec(run.prompt, link, self.store.input_sizes())
+        spec = imagespec.image_spec(run.prompt, link, self.store.size_of)
         batch = spec.batch_size
         for index in range(batch):
             self._set_progress(run, node_id, index, batch, "running")
@@ -464,8 +517,5 @@ class Engine:
                 {"value": index, "max": batch, "prompt_id": run.item.prompt_id, "node": node_id},
                 run.client,
             )
-            data = await trio.to_thread.run_sync(
-                render.render_png, spec, index, limiter=self._limiter
-            )
-            self.hub.send_binary(_PNG_FRAME + data, run.client)
+            self.hub.send_binary(_PNG_FRAME + await self._render(spec, index), run.client)
         return batch

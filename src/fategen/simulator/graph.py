@@ -1,4 +1,7 @@
-"""Reading a validated prompt graph: execution order, cache signatures, what an image looks like."""
+"""Reading a validated prompt graph: execution order, cache signatures, the files it names.
+
+What its images look like is ``imagespec``'s (``ImageSpec`` and ``image_spec``, also here).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,20 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import attrs
-
 from fategen.simulator import catalogue
+from fategen.simulator.imagespec import ImageSpec, Prompt, image_spec
 
-Prompt = Mapping[str, Mapping[str, Any]]
+__all__ = [
+    "LORA_LOADERS",
+    "ImageSpec",
+    "Prompt",
+    "execution_order",
+    "first_checkpoint",
+    "image_spec",
+    "input_image_names",
+    "lora_names",
+    "signatures",
+]
 
 
 def _links(node: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -80,8 +92,13 @@ def execution_order(
     return order
 
 
-def signatures(prompt: Prompt) -> dict[str, str]:
-    """A string per node that changes whenever the node or anything upstream changes."""
+def signatures(prompt: Prompt, changed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A string per node that changes whenever the node or anything upstream changes.
+
+    ``changed`` holds what ComfyUI's ``IS_CHANGED`` says of some nodes (for ``LoadImage``, a
+    digest of the file): part of their signature, so a new file under the same name runs again.
+    """
+    changed = changed or {}
     memo: dict[str, str] = {}
 
     def signature(node_id: str) -> str:
@@ -95,7 +112,9 @@ def signatures(prompt: Prompt) -> dict[str, str]:
                 )
                 for name, value in node.get("inputs", {}).items()
             }
-            memo[node_id] = json.dumps([node["class_type"], inputs], sort_keys=True, default=str)
+            memo[node_id] = json.dumps(
+                [node["class_type"], inputs, changed.get(node_id)], sort_keys=True, default=str
+            )
         return memo[node_id]
 
     return {node_id: signature(node_id) for node_id in prompt}
@@ -122,70 +141,10 @@ def lora_names(prompt: Prompt) -> tuple[str, ...]:
     )
 
 
-@attrs.frozen
-class ImageSpec:
-    """What the images reaching an output node look like."""
-
-    width: int
-    height: int
-    batch_size: int
-    text: str = ""
-    seed: int = 0
-    color: int | None = None
-    input_image: str | None = None
-
-
-_FOLLOW = {"KSampler": "latent_image", "VAEDecode": "samples", "ImageBlur": "image"}
-_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
-
-
-def image_spec(
-    prompt: Prompt, link: object, input_sizes: Mapping[str, tuple[int, int]]
-) -> ImageSpec:
-    """Walk upstream from ``link`` (``[node_id, slot]``) to the node that sets the image size,
-    picking up the seed and positive prompt text of the last sampler on the way."""
-    text: str | None = None
-    seed: int | None = None
-    seen: set[str] = set()
-    while isinstance(link, list) and link[0] not in seen:
-        node_id = link[0]
-        seen.add(node_id)
-        node = prompt[node_id]
-        class_type, inputs = node["class_type"], node["inputs"]
-        if class_type in _LATENTS:
-            return ImageSpec(
-                width=int(inputs["width"]) // 8 * 8,
-                height=int(inputs["height"]) // 8 * 8,
-                batch_size=int(inputs["batch_size"]),
-                text=text or "",
-                seed=seed or 0,
-            )
-        if class_type == "EmptyImage":
-            return ImageSpec(
-                width=int(inputs["width"]),
-                height=int(inputs["height"]),
-                batch_size=int(inputs["batch_size"]),
-                text=text or "",
-                seed=seed or 0,
-                color=int(inputs["color"]),
-            )
-        if class_type == "LoadImage":
-            name = str(inputs["image"])
-            width, height = input_sizes.get(name, (512, 512))
-            return ImageSpec(width, height, 1, text or "", seed or 0, input_image=name)
-        if class_type == "KSampler" and seed is None:
-            seed = int(inputs["seed"])
-            text = _positive_text(prompt, inputs.get("positive"))
-        follow = _FOLLOW.get(class_type)
-        link = (
-            inputs.get(follow) if follow else next((inputs[name] for name, _ in _links(node)), None)
-        )
-    return ImageSpec(512, 512, 1, text or "", seed or 0)
-
-
-def _positive_text(prompt: Prompt, link: object) -> str:
-    if not isinstance(link, list):
-        return ""
-    node = prompt[link[0]]
-    text = node["inputs"].get("text")
-    return text if node["class_type"] == "CLIPTextEncode" and isinstance(text, str) else ""
+def input_image_names(prompt: Prompt) -> tuple[str, ...]:
+    """The ``image`` of every ``LoadImage`` in the prompt, in prompt order."""
+    return tuple(
+        str(node["inputs"]["image"])
+        for node in prompt.values()
+        if node.get("class_type") == "LoadImage"
+    )

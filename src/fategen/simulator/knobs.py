@@ -21,6 +21,10 @@ DEFAULT_LORAS: tuple[str, ...] = (
 )
 """LoRA files the simulated ComfyUI "has" (``LoraLoader``'s ``lora_name`` choices)."""
 
+DEFAULT_UPSCALE_MODELS: tuple[str, ...] = ("4x-UltraSharp.pth", "2x-ESRGAN.pth")
+"""Upscale model files the simulated ComfyUI "has" (``UpscaleModelLoader``'s ``model_name``
+choices); a model scales by the ``<N>x`` its name starts with (4 without one)."""
+
 ExecutionStatus = Literal["success", "error", "interrupted"]
 
 
@@ -31,8 +35,9 @@ class SimulatorKnobs:
     Timing: ``step_seconds`` per sampler step; ``model_load_seconds`` whenever a
     ``CheckpointLoaderSimple`` needs a checkpoint other than the loaded one.
 
-    Files: ``checkpoints`` and ``loras`` are the file names GET /object_info lists (and
-    GET /models/checkpoints, /models/loras); prompts naming others fail validation.
+    Files: ``checkpoints``, ``loras`` and ``upscale_models`` are the file names GET /object_info
+    lists (and GET /models/checkpoints, /models/loras, /models/upscale_models); prompts naming
+    others fail validation. Input images are uploaded (POST /upload/image), not a knob.
 
     Faults that affect "the next job" are *counts*: each job that starts takes one from every
     non-zero count (``knobs.hang = True`` means one job, ``knobs.hang = 3`` the next three):
@@ -61,6 +66,7 @@ class SimulatorKnobs:
     model_load_seconds: float = 0.05
     checkpoints: list[str] = attrs.Factory(lambda: list(DEFAULT_CHECKPOINTS))
     loras: list[str] = attrs.Factory(lambda: list(DEFAULT_LORAS))
+    upscale_models: list[str] = attrs.Factory(lambda: list(DEFAULT_UPSCALE_MODELS))
     caching: bool = True
     http_500: bool = False
     corrupt_image: bool = False
@@ -98,7 +104,8 @@ class ExecutionRecord:
     """When one prompt ran: ``started``/``finished`` on the trio clock (also monotonic, wall).
 
     ``checkpoint`` is the first ``ckpt_name`` of the prompt (None if it loads none); ``loras``
-    the ``lora_name`` of each LoRA loader in it. ``status`` is ``interrupted`` also for a prompt
+    the ``lora_name`` of each LoRA loader in it; ``input_images`` the ``image`` of each
+    ``LoadImage`` in it (prompt order). ``status`` is ``interrupted`` also for a prompt
     that was running when the server stopped.
     """
 
@@ -112,6 +119,7 @@ class ExecutionRecord:
     started_wall: float
     finished_wall: float
     loras: tuple[str, ...] = ()
+    input_images: tuple[str, ...] = ()
 
     @property
     def duration(self) -> float:

@@ -1,4 +1,5 @@
-"""Pillow rendering of the simulator's images. Blocking: call through ``trio.to_thread``."""
+"""Pillow rendering of the simulator's images. Blocking: call through ``trio.to_thread``
+(except ``image_size``, which only reads a header)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
-from fategen.simulator.graph import ImageSpec
+from fategen.simulator.imagespec import ImageSpec
 
 
 def _colors(spec: ImageSpec, index: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -28,9 +29,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def render(spec: ImageSpec, index: int) -> Image.Image:
-    """Image ``index`` of a batch: a vertical gradient (colors from seed or color and index)
-    with the prompt text written on it."""
+def _generated(spec: ImageSpec, index: int) -> Image.Image:
+    """A vertical gradient (colors from seed or color and index) with the prompt text on it."""
     size = (spec.width, spec.height)
     top, bottom = _colors(spec, index)
     mask = Image.linear_gradient("L").resize(size)
@@ -48,6 +48,25 @@ def render(spec: ImageSpec, index: int) -> Image.Image:
     return image
 
 
+def decode(data: bytes) -> Image.Image:
+    """Image bytes (its first frame) as an RGB picture. Raises OSError (or ValueError) when
+    Pillow cannot read them."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return opened.convert("RGB")
+
+
+def render(spec: ImageSpec, index: int, source: bytes | None = None) -> Image.Image:
+    """Image ``index`` of a batch: the generated picture (a gradient with the prompt text);
+    with ``source`` (an input image's bytes), that image resized to the spec's size (LANCZOS)
+    and blended with the generated one by ``spec.denoise`` (0: the input, resized)."""
+    if source is None:
+        return _generated(spec, index)
+    base = decode(source).resize((spec.width, spec.height), Image.Resampling.LANCZOS)
+    if spec.denoise <= 0:
+        return base
+    return Image.blend(base, _generated(spec, index), min(1.0, spec.denoise))
+
+
 def encode(image: Image.Image, image_format: str = "PNG") -> bytes:
     """The image as PNG (fast compression) or JPEG bytes."""
     buffer = io.BytesIO()
@@ -58,9 +77,9 @@ def encode(image: Image.Image, image_format: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def render_png(spec: ImageSpec, index: int) -> bytes:
+def render_png(spec: ImageSpec, index: int, source: bytes | None = None) -> bytes:
     """``render`` then ``encode`` as PNG."""
-    return encode(render(spec, index))
+    return encode(render(spec, index, source))
 
 
 def render_preview_jpeg(spec: ImageSpec, step: int) -> bytes:
@@ -69,10 +88,14 @@ def render_preview_jpeg(spec: ImageSpec, step: int) -> bytes:
     return encode(render(small, 0), "JPEG")
 
 
-def png_size(data: bytes) -> tuple[int, int]:
-    """Width and height of PNG bytes (reads only the header)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.size
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height of image bytes in any format Pillow reads (only the header is read);
+    None for bytes it cannot identify."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def corrupt(data: bytes) -> bytes:

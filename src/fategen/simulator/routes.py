@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mimetypes
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
@@ -11,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from fategen.simulator import catalogue, render
 from fategen.simulator.auth import authorized
 from fategen.simulator.hub import Close, Connection, text_message
 from fategen.simulator.knobs import ExecutionRecord
 from fategen.simulator.static_info import FEATURES, MODEL_FOLDERS, system_stats
+from fategen.simulator.upload import UploadRefused, upload_image
 
 if TYPE_CHECKING:
     from fategen.simulator.server import Simulator
@@ -63,12 +66,42 @@ def execution_json(record: ExecutionRecord) -> dict[str, Any]:
         "ended": record.finished_wall,
         "status": record.status,
         "checkpoint": record.checkpoint,
+        "input_images": list(record.input_images),
     }
 
 
 async def _json_body() -> Any:
     """The request's JSON body (raises ValueError when it is not JSON)."""
     return json.loads(await request.get_data(as_text=True))
+
+
+async def _discard_body() -> None:
+    """Read the request's body and drop it: an answer sent before the body was read leaves
+    the keep-alive connection stuck for the client's next request."""
+    try:
+        await request.get_data()
+    except HTTPException:  # too large: answer anyway
+        pass
+
+
+async def _upload_field() -> tuple[str, bytes] | str | None:
+    """The multipart field ``image``: (file name, bytes) for a file, text for a plain field."""
+    upload = (await request.files).get("image")
+    if upload is None:
+        text: str | None = (await request.form).get("image")
+        return text
+    data: bytes = await trio.to_thread.run_sync(upload.read)  # may be spooled to disk
+    return upload.filename or "", data
+
+
+def _files(sim: Simulator) -> dict[str, list[str]]:
+    """The file choice lists of GET /object_info, from the simulator's state."""
+    return {
+        "checkpoints": sim.knobs.checkpoints,
+        "input_images": sim.store.input_images(),
+        "loras": sim.knobs.loras,
+        "upscale_models": sim.knobs.upscale_models,
+    }
 
 
 def create_app(sim: Simulator) -> QuartTrio:
@@ -88,6 +121,7 @@ def create_app(sim: Simulator) -> QuartTrio:
     async def check_token() -> Response | None:
         if authorized(request.headers.get("Authorization"), sim.knobs.required_token):
             return None
+        await _discard_body()
         return unauthorized()
 
     @app.before_websocket
@@ -183,7 +217,7 @@ def create_app(sim: Simulator) -> QuartTrio:
 
     @route("/view", ["GET"])
     async def view() -> Response:
-        filename = request.args.get("filename")
+        filename = request.args.get("filename", "")
         folder = request.args.get("type") or "output"
         subfolder = request.args.get("subfolder", "")
         stored = sim.store.get(folder, subfolder, filename) if filename else None
@@ -194,7 +228,7 @@ def create_app(sim: Simulator) -> QuartTrio:
         response = Response(
             _faulty_body(data, trickle, extra) if trickle or extra else data,
             200,
-            content_type="image/png",
+            content_type=mimetypes.guess_type(filename)[0] or "application/octet-stream",
         )
         if trickle or extra:
             response.timeout = None  # a streamed body: no response timeout
@@ -205,27 +239,23 @@ def create_app(sim: Simulator) -> QuartTrio:
         response.headers["Accept-Ranges"] = "bytes"
         return response
 
+    @route("/upload/image", ["POST"])
+    async def post_upload_image() -> Response:
+        try:
+            fields = dict((await request.form).items())
+            return json_response(upload_image(sim.store, await _upload_field(), fields))
+        except UploadRefused as refused:
+            return empty_response(400) if refused.status == 400 else server_error()
+
     @route("/object_info", ["GET"])
     async def object_info() -> Response:
-        return json_response(
-            catalogue.object_info(
-                checkpoints=sim.knobs.checkpoints,
-                input_images=sim.store.input_images(),
-                loras=sim.knobs.loras,
-            )
-        )
+        return json_response(catalogue.object_info(**_files(sim)))
 
     @route("/object_info/<node_class>", ["GET"])
     async def object_info_node(node_class: str) -> Response:
         if not catalogue.is_known(node_class):
             return json_response({})
-        info = catalogue.node_info(
-            node_class,
-            checkpoints=sim.knobs.checkpoints,
-            input_images=sim.store.input_images(),
-            loras=sim.knobs.loras,
-        )
-        return json_response({node_class: info})
+        return json_response({node_class: catalogue.node_info(node_class, **_files(sim))})
 
     @route("/models", ["GET"])
     async def models() -> Response:
@@ -235,7 +265,11 @@ def create_app(sim: Simulator) -> QuartTrio:
     async def models_in(folder: str) -> Response:
         if folder not in MODEL_FOLDERS:
             return empty_response(404)
-        files = {"checkpoints": sim.knobs.checkpoints, "loras": sim.knobs.loras}
+        files = {
+            "checkpoints": sim.knobs.checkpoints,
+            "loras": sim.knobs.loras,
+            "upscale_models": sim.knobs.upscale_models,
+        }
         return json_response(list(files.get(folder, [])))
 
     @route("/embeddings", ["GET"])

@@ -108,6 +108,8 @@ class Simulator:
             checkpoints=self.knobs.checkpoints,
             input_images=self.store.input_images(),
             loras=self.knobs.loras,
+            upscale_models=self.knobs.upscale_models,
+            image_exists=self.store.exists,
         )
         if isinstance(result, Rejected):
             return result.status, result.body

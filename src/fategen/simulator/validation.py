@@ -6,7 +6,7 @@ import copy
 import sys
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -14,6 +14,10 @@ import attrs
 from fategen.simulator import catalogue
 
 _COMBO_LIST_LIMIT = 20
+
+#: The inputs a node's ``VALIDATE_INPUTS`` takes. ComfyUI skips their range and choice checks
+#: and asks the node instead (``LoadImage``: does the file exist?).
+CUSTOM_VALIDATED: dict[str, tuple[str, ...]] = {"LoadImage": ("image",)}
 
 
 @attrs.frozen
@@ -63,8 +67,14 @@ def check_submission(
     checkpoints: Sequence[str],
     input_images: Sequence[str],
     loras: Sequence[str] = (),
+    upscale_models: Sequence[str] = (),
+    image_exists: Callable[[str], bool] | None = None,
 ) -> Accepted | Rejected:
-    """Check a POST /prompt body the way ComfyUI does."""
+    """Check a POST /prompt body the way ComfyUI does.
+
+    ``image_exists`` answers ``LoadImage``'s ``VALIDATE_INPUTS`` (whether the file it names
+    exists); without it, a name must be one of ``input_images``.
+    """
     if not isinstance(body, dict) or "prompt" not in body:
         return _reject(_error("no_prompt", "No prompt provided", "No prompt provided"))
     prompt_id = body.get("prompt_id")
@@ -82,7 +92,12 @@ def check_submission(
         return _reject(_error("invalid_prompt", "Prompt is not a dictionary of nodes"))
     converted = copy.deepcopy(prompt)
     validator = _Validator(
-        converted, checkpoints=checkpoints, input_images=input_images, loras=loras
+        converted,
+        checkpoints=checkpoints,
+        input_images=input_images,
+        loras=loras,
+        upscale_models=upscale_models,
+        image_exists=image_exists or (lambda name: name in input_images),
     )
     result = validator.validate()
     if isinstance(result, Rejected):
@@ -98,12 +113,16 @@ class _Validator:
         *,
         checkpoints: Sequence[str],
         input_images: Sequence[str],
-        loras: Sequence[str] = (),
+        loras: Sequence[str],
+        upscale_models: Sequence[str],
+        image_exists: Callable[[str], bool],
     ) -> None:
         self.prompt = prompt
         self.checkpoints = checkpoints
         self.input_images = input_images
         self.loras = loras
+        self.upscale_models = upscale_models
+        self.image_exists = image_exists
         self.validated: dict[str, tuple[bool, list[dict[str, Any]]]] = {}
         self.visiting: set[str] = set()
 
@@ -212,7 +231,9 @@ class _Validator:
             checkpoints=self.checkpoints,
             input_images=self.input_images,
             loras=self.loras,
+            upscale_models=self.upscale_models,
         )["input"]
+        custom = CUSTOM_VALIDATED.get(class_type, ())
         errors: list[dict[str, Any]] = []
         valid = True
         for section in ("required", "optional"):
@@ -233,10 +254,28 @@ class _Validator:
                     link_ok, error = self._check_link(name, spec, value)
                     valid = valid and link_ok
                 else:
-                    error = _check_literal(inputs, name, spec)
+                    error = _check_literal(inputs, name, spec, custom=name in custom)
                 if error is not None:
                     errors.append(error)
+        for name in custom:
+            if name in inputs and not isinstance(inputs[name], list):
+                message = self._custom_check(class_type, inputs[name])
+                if message is not None:
+                    errors.append(
+                        _error(
+                            "custom_validation_failed",
+                            "Custom validation failed for node",
+                            f"{name} - {message}",
+                            input_name=name,
+                        )
+                    )
         return (valid and not errors), errors
+
+    def _custom_check(self, class_type: str, value: Any) -> str | None:
+        """What the node's ``VALIDATE_INPUTS`` returns when it is not True (None when it is)."""
+        if class_type == "LoadImage" and not self.image_exists(value):
+            return f"Invalid image file: {value}"
+        return None
 
     def _check_link(
         self, name: str, spec: list[Any], value: list[Any]
@@ -276,8 +315,11 @@ def _types_match(received: str, expected: object) -> bool:
     return received in expected.split(",")
 
 
-def _check_literal(inputs: dict[str, Any], name: str, spec: list[Any]) -> dict[str, Any] | None:
-    """Convert ``inputs[name]`` like ComfyUI does and check its range or choices."""
+def _check_literal(
+    inputs: dict[str, Any], name: str, spec: list[Any], *, custom: bool = False
+) -> dict[str, Any] | None:
+    """Convert ``inputs[name]`` like ComfyUI does and check its range or choices (not for an
+    input the node's ``VALIDATE_INPUTS`` checks: ``custom``)."""
     kind = spec[0]
     options: dict[str, Any] = spec[1] if len(spec) > 1 else {}
     value = inputs[name]
@@ -301,6 +343,8 @@ def _check_literal(inputs: dict[str, Any], name: str, spec: list[Any]) -> dict[s
             exception_message=str(exc),
         )
     inputs[name] = value
+    if custom:
+        return None
     if "min" in options and value < options["min"]:
         return _error(
             "value_smaller_than_min",
@@ -319,9 +363,10 @@ def _check_literal(inputs: dict[str, Any], name: str, spec: list[Any]) -> dict[s
             input_config=spec,
             received_value=value,
         )
-    if isinstance(kind, list) and value not in kind:
-        too_long = len(kind) > _COMBO_LIST_LIMIT
-        listing = f"(list of length {len(kind)})" if too_long else str(kind)
+    choices = catalogue.combo_choices(spec)
+    if choices is not None and value not in choices:
+        too_long = len(choices) > _COMBO_LIST_LIMIT
+        listing = f"(list of length {len(choices)})" if too_long else str(choices)
         return _error(
             "value_not_in_list",
             "Value not in list",
