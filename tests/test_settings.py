@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,19 @@ EVERY_VARIABLE: list[tuple[str, str, str, Any]] = [
     ),
     ("FATEGEN_WEBHOOK_ALLOW_PRIVATE", "1", "webhook_allow_private", True),
     ("FATEGEN_EVENTS_HEARTBEAT", "2.5", "events_heartbeat", 2.5),
+    ("FATEGEN_IMAGE_MAX_MIB", "8", "image_max_mib", 8),
+    ("FATEGEN_IMAGE_MAX_MEGAPIXELS", "12", "image_max_megapixels", 12),
+    ("FATEGEN_IMAGE_FETCH_TIMEOUT", "7.5", "image_fetch_timeout", 7.5),
+    (
+        "FATEGEN_IMAGE_ALLOW_NETWORKS",
+        " 10.0.0.0/8, 192.168.1.20 ,fd00::/8",
+        "image_allow_networks",
+        (
+            ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("192.168.1.20/32"),
+            ipaddress.ip_network("fd00::/8"),
+        ),
+    ),
 ]
 
 
@@ -185,6 +199,10 @@ def test_home_is_expanded_in_paths(monkeypatch: pytest.MonkeyPatch) -> None:
 
 BAD_VALUES = [
     ("FATEGEN_WEBHOOK_ALLOW_PRIVATE", "maybe"),
+    ("FATEGEN_IMAGE_ALLOW_NETWORKS", "10.0.0.0/33"),
+    ("FATEGEN_IMAGE_ALLOW_NETWORKS", "cdn.lan"),
+    ("FATEGEN_IMAGE_MAX_MIB", "0"),
+    ("FATEGEN_IMAGE_MAX_MEGAPIXELS", "1000"),
     ("COMFYUI_PORT", "abc"),
     ("COMFYUI_PORT", "70000"),
     ("COMFYUI_PORT", "0"),

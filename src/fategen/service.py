@@ -29,6 +29,7 @@ import httpx
 import trio
 from quart_trio import QuartTrio
 
+from fategen import __version__
 from fategen.api.app import create_app
 from fategen.api.frontdesk import PAUSED_META, Frontdesk
 from fategen.api.server import install_connection_isolation, serve_http
@@ -41,6 +42,7 @@ from fategen.core.modelconfig import ModelConfig, load_model_config
 from fategen.core.policy import FairPolicy
 from fategen.core.workflow import WorkflowTemplate, load_templates
 from fategen.errors import ConfigError
+from fategen.queue.fetch import FetchLimits, fetch_image
 from fategen.queue.fleet import Backend, Fleet, run_backend
 from fategen.queue.postprocess import Fetch, PostProcessor, remove_partial_results
 from fategen.queue.scheduler import Scheduler, WorkRequest, requeue_interrupted
@@ -48,7 +50,7 @@ from fategen.queue.webhooks import WebhookSender
 from fategen.queue.worker import ComfyWorker
 from fategen.settings import Settings
 from fategen.store.jobs import Job, JobStore
-from fategen.store.retention import Pruner
+from fategen.store.retention import Pruner, remove_orphan_inputs
 from fategen.store.sqlite import JobDB
 
 log = logging.getLogger("fategen")
@@ -293,6 +295,7 @@ def build_service(settings: Settings) -> Service:
     _prepare_output(settings.output_dir)
     _check_comfyui_host(settings)
     db = _open_db(settings.data_dir)
+    remove_orphan_inputs(settings.output_dir, db.has)
     store = JobStore(db)
     policy = FairPolicy(
         max_passes=settings.affinity_max_passes,
@@ -351,6 +354,7 @@ def build_service(settings: Settings) -> Service:
                     backend,
                     fleet,
                     max_losses=settings.max_losses,
+                    output_dir=settings.output_dir,
                 )
             )
     requests_tx.close()
@@ -394,6 +398,23 @@ def build_service(settings: Settings) -> Service:
     desk.webhook_defaults = {key: url for key, url, _ in settings.key_webhooks if url}
     desk.webhook_signer = lambda key: secret_for(key) is not None
     desk.webhook_allow_private = settings.webhook_allow_private
+    # Input images: fetched with their own client (redirects are followed hop by hop, each
+    # checked), within the operator's limits.
+    image_http = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.image_fetch_timeout),
+        follow_redirects=False,
+        trust_env=False,
+        headers={"User-Agent": f"fategen/{__version__} (image fetch)"},
+    )
+    clients.append(image_http)
+    limits = FetchLimits(
+        max_bytes=settings.image_max_mib * 2**20,
+        timeout=settings.image_fetch_timeout,
+        allowed_networks=settings.image_allow_networks,
+    )
+    desk.image_fetcher = functools.partial(_fetch_image, limits=limits, http=image_http)
+    desk.output_dir = settings.output_dir
+    desk.image_max_pixels = settings.image_max_megapixels * 1_000_000
     app = create_app(desk, settings, first.spec.url)
     return Service(
         settings,
@@ -410,6 +431,10 @@ def build_service(settings: Settings) -> Service:
         templates,
         webhooks,
     )
+
+
+async def _fetch_image(url: str, *, limits: FetchLimits, http: httpx.AsyncClient) -> bytes:
+    return await fetch_image(url, limits, http=http)
 
 
 def _webhook_secrets(settings: Settings) -> Callable[[str | None], str | None]:

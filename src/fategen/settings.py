@@ -21,6 +21,8 @@ import environ
 from fategen.core.backends import DEFAULT_BACKEND, BackendSpec
 from fategen.errors import ConfigError
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
@@ -336,6 +338,26 @@ def _flag(name: str) -> Callable[[Any], bool]:
     return convert
 
 
+def _networks(name: str) -> Callable[[Any], tuple[IPNetwork, ...]]:
+    """Comma-separated networks (``10.0.0.0/8``, ``192.168.1.20``, ``fd00::/8``)."""
+
+    def convert(value: Any) -> tuple[IPNetwork, ...]:
+        if isinstance(value, tuple):
+            return value
+        networks: list[IPNetwork] = []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise _bad(name, str(value), f"{part!r} is not an address or network") from None
+        return tuple(networks)
+
+    return convert
+
+
 def _webhook_secret(name: str) -> Callable[[Any], str]:
     """A Standard Webhooks secret: ``whsec_`` and base64 of 24 to 64 bytes (never echoed)."""
 
@@ -565,6 +587,23 @@ class Settings:
     #: Allow webhook URLs on loopback, private and link-local addresses (tests, a LAN bot).
     webhook_allow_private: bool = _v(
         "FATEGEN_WEBHOOK_ALLOW_PRIVATE", "0", _flag("FATEGEN_WEBHOOK_ALLOW_PRIVATE")
+    )
+    #: Input images (``--image URL``, ``image_url``, an upload): the largest file, the most
+    #: pixels, the seconds a fetch may take (redirects and body included), and the networks
+    #: (private ones, e.g. an internal CDN) fetches may reach besides public addresses.
+    image_max_mib: int = _v(
+        "FATEGEN_IMAGE_MAX_MIB", 20, _integer("FATEGEN_IMAGE_MAX_MIB", low=1, high=200)
+    )
+    image_max_megapixels: int = _v(
+        "FATEGEN_IMAGE_MAX_MEGAPIXELS",
+        40,
+        _integer("FATEGEN_IMAGE_MAX_MEGAPIXELS", low=1, high=400),
+    )
+    image_fetch_timeout: float = _v(
+        "FATEGEN_IMAGE_FETCH_TIMEOUT", 20, _seconds("FATEGEN_IMAGE_FETCH_TIMEOUT")
+    )
+    image_allow_networks: tuple[IPNetwork, ...] = _v(
+        "FATEGEN_IMAGE_ALLOW_NETWORKS", "", _networks("FATEGEN_IMAGE_ALLOW_NETWORKS")
     )
     #: Event streams (Server-Sent Events) open at once; past it, 429.
     max_streams: int = _v("FATEGEN_MAX_STREAMS", 1000, _integer("FATEGEN_MAX_STREAMS", low=1))

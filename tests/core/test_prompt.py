@@ -259,8 +259,25 @@ def test_flags_table() -> None:
         "--seed",
         "--ar",
         "--lora",
+        "--image",
+        "--strength",
+        "--upscale",
+        "--vary",
     ]
-    assert [f.short for f in FLAGS] == ["m", "w", "h", "n", "c", "s", None, None]
+    assert [f.short for f in FLAGS] == [
+        "m",
+        "w",
+        "h",
+        "n",
+        "c",
+        "s",
+        None,
+        None,
+        "i",
+        None,
+        "u",
+        "v",
+    ]
     assert all(f.help for f in FLAGS)
     assert [f.name for f in FLAGS if f.multiword] == ["no"]
     assert [f.name for f in FLAGS if f.repeatable] == ["lora"]

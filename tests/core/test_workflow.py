@@ -93,7 +93,8 @@ def test_shipped_templates_load_and_bind_everything(
     assert {"sdxl", "lumina"} <= set(templates)
     for name in ("sdxl", "lumina"):
         assert templates[name].name == name
-        assert templates[name].bound == frozenset(BINDINGS)
+        assert templates[name].bound == frozenset(BINDINGS) - {"image", "upscale_model"}
+        assert not templates[name].from_image
 
 
 def test_sdxl_builds(templates: dict[str, WorkflowTemplate]) -> None:

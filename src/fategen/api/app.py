@@ -17,13 +17,13 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from fategen import __version__
 from fategen.api import answers, auth, backends, control, docs, events, health, jobs, models, ui
-from fategen.api.common import EXTENSION, ApiState, error
+from fategen.api.common import EXTENSION, ApiState, error, state
 from fategen.api.frontdesk import Frontdesk, Refused
 from fategen.api.metrics import install as install_metrics
 from fategen.api.schemas import CompleteOpenAPIProvider
 from fategen.api.server import ClosingHTTPConnection
 from fategen.core.prompt import MAX_SEED
-from fategen.errors import PromptError, WorkflowError
+from fategen.errors import InputImageError, PromptError, WorkflowError
 from fategen.settings import Settings, split_key
 
 __all__ = ["MAX_BODY", "create_app"]
@@ -67,6 +67,25 @@ class LenientRequest(TrioRequest):
         if self.mimetype in ("", "application/x-www-form-urlencoded", "text/plain"):
             return True
         return bool(super().is_json)
+
+    #: The largest multipart submission (``POST /request`` with an image): set per app.
+    upload_limit: int = MAX_BODY
+
+    def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(method, scheme, path, *args, **kwargs)
+        if self.is_upload:
+            # Only here: every other body stays within MAX_BODY.
+            self.max_content_length = self.upload_limit
+            self.body = self.body_class(self.content_length, self.upload_limit)
+
+    @property
+    def is_upload(self) -> bool:
+        """A submission with an image attached (multipart/form-data to ``POST /request``)."""
+        return (
+            self.method == "POST"
+            and self.path == "/request"
+            and self.mimetype == "multipart/form-data"
+        )
 
 
 def _provider(keys_required: bool) -> type[CompleteOpenAPIProvider]:
@@ -131,7 +150,12 @@ def create_app(desk: Frontdesk, settings: Settings, comfyui_url: str) -> QuartTr
     """The quart-trio app; ``desk`` is all it knows of the service."""
     app = QuartTrio("fategen")
     app.asgi_http_class = ClosingHTTPConnection
-    app.request_class = LenientRequest
+
+    # Its own subclass: the upload limit is this app's setting.
+    class Request(LenientRequest):
+        upload_limit = settings.image_max_mib * 2**20 + MAX_BODY
+
+    app.request_class = Request
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["JSON_SORT_KEYS"] = False
     app.config.update(docs.CONFIG)  # the documentation's assets from fategen, not a CDN
@@ -229,6 +253,10 @@ def _register_error_handlers(app: QuartTrio) -> None:
     async def bad_prompt(exc: Exception) -> Response:
         return error(str(exc), 400)
 
+    @app.errorhandler(InputImageError)
+    async def bad_image(exc: InputImageError) -> Response:
+        return error(str(exc), 422)
+
     @app.errorhandler(RequestSchemaValidationError)
     async def bad_body(exc: RequestSchemaValidationError) -> Response:
         detail = str(exc.validation_error)
@@ -247,6 +275,10 @@ def _register_error_handlers(app: QuartTrio) -> None:
             405: "this endpoint does not take that method (see /docs)",
             413: f"the request body is too large (at most {MAX_BODY} bytes)",
         }
+        if getattr(request, "is_upload", False):
+            messages[413] = (
+                f"the attached image is too large (at most {state().settings.image_max_mib} MiB)"
+            )
         if exc.code == 400 and request.method in ("POST", "PUT", "PATCH"):
             # Quart's sentence is meant for browsers; a bot author needs to know what to send.
             messages[400] = (

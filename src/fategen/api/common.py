@@ -12,7 +12,7 @@ import attrs
 from quart import Response, current_app, g, has_request_context, request
 
 from fategen.api.frontdesk import Frontdesk, Refused
-from fategen.api.schemas import JobResponse, Progress, WebhookInfo
+from fategen.api.schemas import InputInfo, JobResponse, Progress, WebhookInfo
 from fategen.settings import Settings
 from fategen.store.jobs import JobView
 
@@ -119,4 +119,20 @@ def job_response(view: JobView) -> JobResponse:
         ],
         retry_of=view.retry_of,
         images=images,
+        kind=r.kind,  # type: ignore[arg-type]
+        input=_input_info(view),
+    )
+
+
+def _input_info(view: JobView) -> InputInfo | None:
+    image = view.request.image
+    if image is None:
+        return None
+    earlier = image.earlier
+    return InputInfo(
+        source="job" if earlier is not None else image.source,
+        strength=image.strength,
+        url=f"{base_url()}/job/{view.id}/input",
+        job_id=None if earlier is None else earlier[0],
+        image=None if earlier is None else earlier[1],
     )

@@ -7,28 +7,33 @@ never hands out anything mutable: readers get `JobView` snapshots.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import random
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 import attrs
 import trio
 
+from fategen.core import inputimage
 from fategen.core.availability import ModelAvailability
 from fategen.core.loras import lora_refusal
 from fategen.core.modelconfig import ModelConfig
-from fategen.core.prompt import GenerationRequest, parse_request
-from fategen.core.workflow import WorkflowTemplate, build_workflow
-from fategen.errors import FategenError
+from fategen.core.prompt import GenerationRequest, follow_up_of, parse_request
+from fategen.core.workflow import WorkflowTemplate, build_workflow, template_for
+from fategen.errors import FategenError, ImageError, InputImageError
 from fategen.queue.fleet import BackendView
+from fategen.queue.postprocess import write_atomic
 from fategen.queue.scheduler import Scheduler
 from fategen.queue.webhooks import webhook_refusal
-from fategen.store.jobs import Job, JobStatus, JobStore, JobView
+from fategen.store.jobs import Job, JobStatus, JobStore, JobView, result_path
 from fategen.store.locks import KeyedLocks
 from fategen.store.model import user_of
+from fategen.store.retention import image_path, input_path
 
 log = logging.getLogger("fategen.jobs")
 
@@ -59,6 +64,7 @@ class FleetControl(Protocol):
 
     def views(self) -> list[BackendView]: ...
     def available_loras(self) -> frozenset[str] | None: ...
+    def kind_refusal(self, model: str, kind: str) -> str | None: ...
     def drain(self, name: str) -> BackendView: ...
     def enable(self, name: str) -> BackendView: ...
 
@@ -114,6 +120,16 @@ class Frontdesk:
     webhook_defaults: Mapping[str | None, str] = attrs.field(factory=dict)
     webhook_signer: Callable[[str | None], bool] = lambda key: False
     webhook_allow_private: bool = False
+    #: Input images: fetches a URL (`fategen.queue.fetch.fetch_image` with the service's
+    #: limits; None refuses URLs), where they are kept (None refuses input images), and the
+    #: most pixels one may have.
+    image_fetcher: Callable[[str], Awaitable[bytes]] | None = None
+    output_dir: Path | None = None
+    image_max_pixels: int = 40_000_000
+    #: Decoding and re-encoding input images (Pillow, in threads): two at a time.
+    _image_limiter: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(2), init=False
+    )
     #: Submissions with one Idempotency-Key follow each other (the second finds the first);
     #: others do not wait for each other, so their jobs share one commit.
     _key_locks: KeyedLocks[tuple[str, str]] = attrs.field(factory=KeyedLocks, init=False)
@@ -129,7 +145,16 @@ class Frontdesk:
     def __attrs_post_init__(self) -> None:
         self.store.on_transition.append(self.observe)
 
-    def parse(self, message: str) -> GenerationRequest:
+    def parse(
+        self,
+        message: str,
+        *,
+        base: GenerationRequest | None = None,
+        image_size: tuple[int, int] | None = None,
+        attached: str | None = None,
+    ) -> GenerationRequest:
+        """The message as a request this service can run (pure apart from reading what the
+        backends have); see `parse_request` for `base`, `image_size` and `attached`."""
         if len(message) > MAX_MESSAGE:
             raise Refused(
                 f"the message is too long ({len(message)} characters, at most {MAX_MESSAGE})"
@@ -137,7 +162,14 @@ class Frontdesk:
         if not _is_utf8(message):
             # JSON may escape a lone UTF-16 surrogate (\\ud800); it cannot be stored or sent on.
             raise Refused("the message contains an invalid character (a lone surrogate)")
-        request = parse_request(message, self.config, rng=self.rng)
+        request = parse_request(
+            message,
+            self.config,
+            rng=self.rng,
+            base=base,
+            image_size=image_size,
+            attached=attached,
+        )
         reason = self.availability.reason(request.model)
         if reason is not None:
             others = self.availability.available(list(self.config.models))
@@ -152,8 +184,130 @@ class Frontdesk:
                 raise Refused(refusal)
         spec = self.config.models[request.model]
         # Fail now, not in the queue, if the model's template cannot take this request.
-        build_workflow(self.templates[spec.workflow], spec, request, filename_prefix="fategen")
+        template = template_for(self.config, self.templates, request)
+        build_workflow(template, spec, request, filename_prefix="fategen")
+        if request.image is not None:
+            if self.output_dir is None:
+                raise Refused("this service takes no input images")
+            refusal = (
+                None if self.fleet is None else self.fleet.kind_refusal(request.model, request.kind)
+            )
+            if refusal is not None:
+                what = "upscale" if request.upscale else "start from an image"
+                raise Refused(f'model "{request.model}" cannot {what} now: {refusal}')
         return request
+
+    async def _understand(
+        self, message: str, attached: str | None
+    ) -> tuple[GenerationRequest, Job | None]:
+        """`parse`, with the earlier job a follow-up (``--upscale``/``--vary``) names, which
+        must have completed. O(1) (one look-up by id)."""
+        if len(message) <= MAX_MESSAGE and _is_utf8(message):
+            follow = follow_up_of(message)
+        else:
+            follow = None  # `parse` refuses it
+        if follow is None:
+            return self.parse(message, attached=attached), None
+        earlier = await self.store.get(follow.job_id)
+        if earlier is None:
+            raise Refused(f"there is no job {follow.job_id} to follow up on")
+        if earlier.status is not JobStatus.COMPLETED:
+            raise Refused(
+                f"job {earlier.id} is {earlier.status.value}; --{follow.kind} works on a "
+                "completed job",
+                409,
+            )
+        return self.parse(message, base=earlier.request, attached=attached), earlier
+
+    async def _take_image(
+        self,
+        job_id: str,
+        message: str,
+        request: GenerationRequest,
+        upload: bytes | None,
+        attached: str | None,
+    ) -> GenerationRequest:
+        """Fetch (or read) the image the job starts from, check and re-encode it (Pillow, in a
+        thread) and keep it as the job's input (`input_path`), before the job is added. A URL
+        is fetched now: chat attachment URLs expire. For an img2img without a size, the
+        request is parsed again with the image's size (it keeps the image's ratio).
+
+        Raises:
+            Refused: the image cannot be had or used (422), one sentence.
+        """
+        image = request.image
+        assert image is not None and self.output_dir is not None
+        try:
+            earlier = image.earlier
+            if earlier is not None:
+                data = await self._earlier_image(*earlier)
+            elif image.source == "upload":
+                if upload is None:
+                    raise Refused("the image was to be attached, but the request has none")
+                data = upload
+            else:
+                if self.image_fetcher is None:
+                    raise Refused("this service does not fetch images from URLs")
+                data = await self.image_fetcher(image.source)
+            size = await trio.to_thread.run_sync(
+                functools.partial(inputimage.probe, data, max_pixels=self.image_max_pixels),
+                limiter=self._image_limiter,
+            )
+            if earlier is None:
+                request = self.parse(message, image_size=size, attached=attached)
+                size = (request.width, request.height)
+            elif not request.upscale:
+                size = (request.width, request.height)  # --vary at another size
+            png = await trio.to_thread.run_sync(
+                functools.partial(
+                    inputimage.prepare, data, *size, max_pixels=self.image_max_pixels
+                ),
+                limiter=self._image_limiter,
+            )
+            await trio.to_thread.run_sync(write_atomic, input_path(self.output_dir, job_id), png)
+        except InputImageError as exc:
+            raise Refused(str(exc), 422) from None
+        except ImageError as exc:  # the disk
+            log.error("could not keep the input image of job %s: %s", job_id, exc)
+            raise Refused("the service cannot keep the image now; try again later", 503) from None
+        return request
+
+    async def _earlier_image(self, job_id: str, n: int) -> bytes:
+        """Image ``n`` of a completed job, as its file (read in a thread)."""
+        assert self.output_dir is not None
+        job = await self.store.get(job_id)
+        count = job.request.count if job is not None else 1
+        path = (
+            result_path(self.output_dir, job_id)
+            if count == 1
+            else image_path(self.output_dir, job_id, n)
+        )
+        try:
+            return await trio.to_thread.run_sync(path.read_bytes)
+        except OSError:
+            raise Refused(
+                f"the images of job {job_id} are no longer kept (pruned or deleted)", 410
+            ) from None
+
+    async def _copy_image(self, from_id: str, to_id: str) -> None:
+        """Keep job `from_id`'s input image for job `to_id` too (a retry)."""
+        if self.output_dir is None:
+            raise Refused("this service takes no input images")
+        source = input_path(self.output_dir, from_id)
+        try:
+            data = await trio.to_thread.run_sync(source.read_bytes)
+            await trio.to_thread.run_sync(write_atomic, input_path(self.output_dir, to_id), data)
+        except OSError:
+            raise Refused(f"the image job {from_id} started from is no longer kept", 410) from None
+        except ImageError as exc:
+            log.error("could not copy the input image of job %s: %s", from_id, exc)
+            raise Refused("the service cannot keep the image now; try again later", 503) from None
+
+    async def _forget_image(self, job_id: str) -> None:
+        """Delete an input image kept for a job that was not added after all."""
+        if self.output_dir is not None:
+            path = input_path(self.output_dir, job_id)
+            await trio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
 
     async def submit(
         self,
@@ -165,9 +319,14 @@ class Frontdesk:
         webhook_url: str | None = None,
         webhook_started: bool = False,
         previews: bool = False,
+        image_url: str | None = None,
+        upload: bytes | None = None,
     ) -> tuple[JobView, bool]:
         """Queue a job; it is on disk before this returns. Returns its view, and whether it
         is an earlier job replayed for the same Idempotency-Key.
+
+        A job that starts from an image (``--image``, `image_url`, an `upload`, or a
+        follow-up's earlier image) has it fetched, checked and kept before it is added.
 
         An Idempotency-Key holds for `idempotency_ttl` seconds from the job's creation; used
         again for another message, it is refused (422).
@@ -183,12 +342,23 @@ class Frontdesk:
             idempotency_key = idempotency_key.strip()
             if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
                 raise Refused(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        request = self.parse(message)
+        attached = "upload" if upload is not None else (image_url or "").strip() or None
+        request, _ = await self._understand(message, attached)
         hook = await self._webhook(webhook_url, key_name)
+        accept = functools.partial(
+            self._accept,
+            nick,
+            message,
+            request,
+            key_name=key_name,
+            webhook_url=hook,
+            webhook_started=webhook_started,
+            previews=previews,
+            upload=upload,
+            attached=attached,
+        )
         if idempotency_key is None:
-            job = await self._add(
-                nick, message, request, None, key_name, hook, webhook_started, previews
-            )
+            job = await accept(None)
         else:
             async with self._key_locks.hold((user_of(key_name, nick), idempotency_key)):
                 earlier = await self.store.by_idempotency_key(
@@ -204,16 +374,7 @@ class Frontdesk:
                             422,
                         )
                     return self.store.view_of(earlier), True
-                job = await self._add(
-                    nick,
-                    message,
-                    request,
-                    idempotency_key,
-                    key_name,
-                    hook,
-                    webhook_started,
-                    previews,
-                )
+                job = await accept(idempotency_key)
         self.scheduler.wake()
         view = self.store.view_of(job)
         log.info(
@@ -230,29 +391,46 @@ class Frontdesk:
         )
         return view, False
 
-    async def _add(
+    async def _accept(
         self,
         nick: str,
         message: str,
         request: GenerationRequest,
         idempotency_key: str | None,
-        key_name: str | None,
-        webhook_url: str | None = None,
-        webhook_started: bool = False,
-        previews: bool = False,
         *,
-        retry_of: str | None = None,
+        key_name: str | None,
+        webhook_url: str | None,
+        webhook_started: bool,
+        previews: bool,
+        upload: bytes | None,
+        attached: str | None,
     ) -> Job:
-        """Check the caps and add the job; on disk when this returns. The check and the
-        reservation happen at once (no checkpoint between), and jobs on their way to the
-        disk count: concurrent submissions cannot overshoot a cap while they share a commit.
-        (Between its commit and this task resuming, a job counts twice: a cap errs on the
-        side of refusing, for that moment.)
+        """`_add`, with the job's input image taken first (after a cheap look at the caps, so
+        a full queue costs no fetch); the image is deleted again if the job is not added."""
+        job_id = Job.new_id()
+        if request.image is not None:
+            self._check_caps(user_of(key_name, nick), nick)
+            request = await self._take_image(job_id, message, request, upload, attached)
+        try:
+            return await self._add(
+                nick,
+                message,
+                request,
+                idempotency_key,
+                key_name,
+                webhook_url,
+                webhook_started,
+                previews,
+                job_id=job_id,
+            )
+        except BaseException:
+            if request.image is not None:
+                with trio.CancelScope(shield=True):
+                    await self._forget_image(job_id)
+            raise
 
-        Raises:
-            Refused: a queue cap (429).
-        """
-        user = user_of(key_name, nick)
+    def _check_caps(self, user: str, nick: str) -> None:
+        """Refuse (429) when the queue, or the user's share of it, is full."""
         if self.store.count_queued() + self._adding_total >= self.max_queue:
             raise Refused(
                 f"the queue is full ({self.max_queue} jobs); try again in a minute",
@@ -267,8 +445,34 @@ class Frontdesk:
                 429,
                 retry_after=30,
             )
+
+    async def _add(
+        self,
+        nick: str,
+        message: str,
+        request: GenerationRequest,
+        idempotency_key: str | None,
+        key_name: str | None,
+        webhook_url: str | None = None,
+        webhook_started: bool = False,
+        previews: bool = False,
+        *,
+        retry_of: str | None = None,
+        job_id: str | None = None,
+    ) -> Job:
+        """Check the caps and add the job; on disk when this returns. The check and the
+        reservation happen at once (no checkpoint between), and jobs on their way to the
+        disk count: concurrent submissions cannot overshoot a cap while they share a commit.
+        (Between its commit and this task resuming, a job counts twice: a cap errs on the
+        side of refusing, for that moment.)
+
+        Raises:
+            Refused: a queue cap (429).
+        """
+        user = user_of(key_name, nick)
+        self._check_caps(user, nick)
         job = Job(
-            id=Job.new_id(),
+            id=job_id or Job.new_id(),
             nick=nick,
             message=message,
             request=request,
@@ -426,17 +630,27 @@ class Frontdesk:
                 f"job {job_id} is {old.status.value}; only a failed or cancelled job is retried",
                 409,
             )
-        job = await self._add(
-            old.nick,
-            old.message,
-            old.request,
-            None,
-            old.key_name,
-            old.webhook_url,
-            old.webhook_started,
-            old.previews,
-            retry_of=old.id,
-        )
+        job_id = Job.new_id()
+        if old.request.image is not None:
+            await self._copy_image(old.id, job_id)
+        try:
+            job = await self._add(
+                old.nick,
+                old.message,
+                old.request,
+                None,
+                old.key_name,
+                old.webhook_url,
+                old.webhook_started,
+                old.previews,
+                retry_of=old.id,
+                job_id=job_id,
+            )
+        except BaseException:
+            if old.request.image is not None:
+                with trio.CancelScope(shield=True):
+                    await self._forget_image(job_id)
+            raise
         self.scheduler.wake()
         log.info("job %s retried as %s by %s", old.id, job.id, who, extra=job.log_fields("retry"))
         return self.store.view_of(job)

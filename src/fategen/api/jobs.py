@@ -6,14 +6,17 @@ from pathlib import Path
 
 import attrs
 import trio
-from quart import Blueprint, Response, request, send_file
+from quart import Blueprint, Response, current_app, request, send_file
 from quart_schema import (
+    RequestSchemaValidationError,
     document_headers,
+    document_request,
     document_response,
     validate_querystring,
     validate_request,
     validate_response,
 )
+from quart_schema.conversion import model_load
 
 from fategen.api.answers import answers, job_answer
 from fategen.api.auth import caller
@@ -25,10 +28,11 @@ from fategen.api.schemas import (
     JobResponse,
     SubmitRequest,
     SubmitResponse,
+    UpscaleRequest,
     WaitQuery,
 )
 from fategen.store.jobs import JobView
-from fategen.store.retention import image_path
+from fategen.store.retention import image_path, input_path
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -41,28 +45,95 @@ class IdempotencyHeaders:
     idempotency_key: str | None = None
 
 
+#: Fields of a multipart submission read as booleans.
+_FLAGS = ("webhook_started", "previews")
+
+
+def _flag(name: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise Refused(f"the field {name} must be true or false, got {raw[:20]!r}")
+
+
+async def _submission() -> tuple[SubmitRequest, bytes | None]:
+    """The submission: a JSON body, or multipart/form-data with the same fields and the
+    image as the file field ``image`` (read in a thread: Quart spools large files to disk)."""
+    convert = current_app.config["QUART_SCHEMA_CONVERT_CASING"]
+    preference = current_app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"]
+    if request.mimetype != "multipart/form-data":
+        body = await request.get_json()
+        return model_load(
+            body,
+            SubmitRequest,
+            RequestSchemaValidationError,
+            decamelize=convert,
+            preference=preference,
+        ), None
+    form = await request.form
+    files = await request.files
+    fields: dict[str, object] = {key: form[key] for key in form}
+    for name in _FLAGS:
+        if isinstance(fields.get(name), str):
+            fields[name] = _flag(name, str(fields[name]))
+    data = model_load(
+        fields,
+        SubmitRequest,
+        RequestSchemaValidationError,
+        decamelize=convert,
+        preference=preference,
+    )
+    file = files.get("image")
+    if file is None:
+        if files:
+            raise Refused("send the image as the file field named image")
+        return data, None
+    upload = await trio.to_thread.run_sync(file.read)
+    if not upload:
+        raise Refused("the attached image is empty", 422)
+    return data, upload
+
+
 @blueprint.post("/request")
-@validate_request(SubmitRequest)
+@document_request(SubmitRequest)
 @document_headers(IdempotencyHeaders)
 @validate_response(SubmitResponse, 200)
 @validate_response(ErrorResponse, 400)
+@validate_response(ErrorResponse, 409)
+@validate_response(ErrorResponse, 410)
 @validate_response(ErrorResponse, 422)
 @validate_response(ErrorResponse, 429)
 @validate_response(ErrorResponse, 503)
-async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, str]]:
+async def submit() -> tuple[SubmitResponse, int, dict[str, str]]:
     """Queue a chat line as an image job.
 
-    Retries with the same Idempotency-Key get the same job back, marked
-    Idempotent-Replayed: true."""
-    who = caller()
-    view, replayed = await state().desk.submit(
+    A JSON body, or multipart/form-data with the same fields and an image to start from as
+    the file field ``image``. Retries with the same Idempotency-Key get the same job back,
+    marked Idempotent-Replayed: true."""
+    data, upload = await _submission()
+    return await _queue(
         data.nick,
         data.message,
-        idempotency_key=request.headers.get("Idempotency-Key"),
-        key_name=None if who is None else who.key,
         webhook_url=data.webhook_url,
         webhook_started=data.webhook_started,
         previews=data.previews,
+        image_url=data.image_url,
+        upload=upload,
+    )
+
+
+async def _queue(
+    nick: str, message: str, **options: object
+) -> tuple[SubmitResponse, int, dict[str, str]]:
+    who = caller()
+    view, replayed = await state().desk.submit(
+        nick,
+        message,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        key_name=None if who is None else who.key,
+        **options,  # type: ignore[arg-type]
     )
     return (
         SubmitResponse(
@@ -75,6 +146,62 @@ async def submit(data: SubmitRequest) -> tuple[SubmitResponse, int, dict[str, st
         200,
         {"Idempotent-Replayed": "true"} if replayed else {},
     )
+
+
+async def _follow_up(
+    job_id: str, kind: str, data: UpscaleRequest
+) -> tuple[SubmitResponse, int, dict[str, str]]:
+    view = await find_job(job_id)
+    return await _queue(data.nick, f"{data.message} --{kind} {view.id}:{data.n}".strip())
+
+
+@blueprint.post("/job/<job_id>/upscale")
+@validate_request(UpscaleRequest)
+@document_headers(IdempotencyHeaders)
+@validate_response(SubmitResponse, 200)
+@validate_response(ErrorResponse, 400)
+@validate_response(ErrorResponse, 404)
+@validate_response(ErrorResponse, 409)
+@validate_response(ErrorResponse, 410)
+@validate_response(ErrorResponse, 429)
+async def upscale_job(
+    job_id: str, data: UpscaleRequest
+) -> tuple[SubmitResponse, int, dict[str, str]]:
+    """A new job upscaling image ``n`` of a completed job (like ``--upscale JOB:N``):
+    queued, capped and idempotent like any other."""
+    return await _follow_up(job_id, "upscale", data)
+
+
+@blueprint.post("/job/<job_id>/vary")
+@validate_request(UpscaleRequest)
+@document_headers(IdempotencyHeaders)
+@validate_response(SubmitResponse, 200)
+@validate_response(ErrorResponse, 400)
+@validate_response(ErrorResponse, 404)
+@validate_response(ErrorResponse, 409)
+@validate_response(ErrorResponse, 410)
+@validate_response(ErrorResponse, 429)
+async def vary_job(job_id: str, data: UpscaleRequest) -> tuple[SubmitResponse, int, dict[str, str]]:
+    """A new job like image ``n`` of a completed job (like ``--vary JOB:N``): img2img from it
+    at a low strength, with a new seed."""
+    return await _follow_up(job_id, "vary", data)
+
+
+@blueprint.get("/job/<job_id>/input")
+@validate_response(ErrorResponse, 404)
+async def get_input(job_id: str) -> Response:
+    """The image a job starts from, as fategen keeps it (image/png)."""
+    view = await find_job(job_id)
+    if view.request.image is None:
+        raise Refused(f"job {view.id} starts from no image (it draws from text)", 404)
+    path = input_path(state().output_dir, view.id)
+    if not await trio.Path(path).is_file():
+        raise Refused(f"the input image of job {view.id} is gone (pruned or deleted)", 404)
+    response = await send_file(
+        path, mimetype="image/png", conditional=True, cache_timeout=IMAGE_MAX_AGE
+    )
+    response.cache_control.immutable = True
+    return response
 
 
 @blueprint.get("/job/<job_id>")

@@ -55,6 +55,15 @@ class SubmitRequest:
             False,
         ),
     ] = False
+    image_url: Annotated[
+        str | None,
+        _d(
+            "An image to start from (http or https; like --image in the message): fetched "
+            "when the job is accepted. Or POST multipart/form-data with the same fields and "
+            "the image as the file field image.",
+            "https://cdn.example.org/cat.png",
+        ),
+    ] = None
 
 
 @attrs.frozen
@@ -90,6 +99,41 @@ class ErrorResponse:
             'unknown model "illustrius"; did you mean illustriousXL?',
         ),
     ]
+
+
+#: What a job makes (the OpenAPI document lists them as an enum).
+JobKind = Literal["txt2img", "img2img", "upscale"]
+
+
+@attrs.frozen
+class InputInfo:
+    source: Annotated[
+        str,
+        _d(
+            "Where the image came from: its URL, upload (sent with the request), or job (an "
+            "earlier job's image: --vary, --upscale).",
+            "https://cdn.example.org/cat.png",
+        ),
+    ]
+    strength: Annotated[float, _d("How much it changes: ComfyUI's denoise (0 to 1).", 0.6)]
+    url: Annotated[str, _d("The image as fategen keeps it (PNG).", f"{_BASE}/job/{_JOB_ID}/input")]
+    job_id: Annotated[str | None, _d("The earlier job, for a follow-up.")] = None
+    image: Annotated[int | None, _d("Which of its images (from 1), for a follow-up.")] = None
+
+
+@attrs.frozen
+class UpscaleRequest:
+    """A follow-up on a completed job's image: a new job, queued like any other."""
+
+    nick: Annotated[str, _d("Who asks: the user's nick on the chat network.", "alice")]
+    n: Annotated[int, _d("Which image of the job (1 for the first).", 2)] = 1
+    message: Annotated[
+        str,
+        _d(
+            "Overrides, as in a chat line: a prompt, -m, -w/-h, -s, --strength.",
+            "",
+        ),
+    ] = ""
 
 
 @attrs.frozen
@@ -153,6 +197,13 @@ class JobResponse:
             [f"{_BASE}/job/{_JOB_ID}/image/1"],
         ),
     ] = attrs.field(factory=list)
+    kind: Annotated[
+        JobKind,
+        _d("txt2img (from text), img2img (from an image, or --vary) or upscale.", "txt2img"),
+    ] = "txt2img"
+    input: Annotated[
+        InputInfo | None, _d("The image it starts from (null when it draws from text alone).")
+    ] = None
 
 
 @attrs.frozen

@@ -20,17 +20,31 @@ class Inventory:
     #: The LoRA file names this ComfyUI has (``LoraLoader``'s ``lora_name`` choices); empty
     #: when it has no ``LoraLoader``. For `fategen.core.loras.lora_refusal`.
     loras: frozenset[str] = frozenset()
+    #: Workflow template -> the node types it uses that this ComfyUI lacks (templates it can
+    #: run are absent).
+    missing_nodes: dict[str, list[str]] = attrs.field(factory=dict)
+    #: The upscale models it has (``UpscaleModelLoader``'s ``model_name`` choices).
+    upscale_models: frozenset[str] = frozenset()
 
 
-def lora_names(info: Mapping[str, Any]) -> frozenset[str]:
-    """The ``lora_name`` choices of ``LoraLoader`` in an ``/object_info`` answer (or none)."""
+def _choices(info: Mapping[str, Any], node: str, name: str) -> frozenset[str]:
+    """The choices of a node's list input in an ``/object_info`` answer (or none), in either
+    shape ComfyUI uses: ``[[...], {...}]``, or ``["COMBO", {"options": [...]}]``."""
     try:
-        choices = info["LoraLoader"]["input"]["required"]["lora_name"][0]
+        spec = info[node]["input"]["required"][name]
+        choices = spec[0]
+        if choices == "COMBO":  # newer nodes: ["COMBO", {"options": [...]}]
+            choices = spec[1]["options"]
     except (KeyError, IndexError, TypeError):
         return frozenset()
     if not isinstance(choices, list):
         return frozenset()
-    return frozenset(name for name in choices if isinstance(name, str))
+    return frozenset(choice for choice in choices if isinstance(choice, str))
+
+
+def lora_names(info: Mapping[str, Any]) -> frozenset[str]:
+    """The ``lora_name`` choices of ``LoraLoader`` in an ``/object_info`` answer (or none)."""
+    return _choices(info, "LoraLoader", "lora_name")
 
 
 async def inspect(
@@ -82,7 +96,13 @@ async def inspect(
             unavailable[model_id] = (
                 f'{where} lacks the node type "{missing_nodes[workflow][0]}" its workflow uses'
             )
-    return Inventory(warnings, unavailable, lora_names(info))
+    return Inventory(
+        warnings,
+        unavailable,
+        lora_names(info),
+        {name: nodes for name, nodes in missing_nodes.items() if nodes},
+        _choices(info, "UpscaleModelLoader", "model_name"),
+    )
 
 
 async def check_setup(

@@ -650,6 +650,11 @@ class ComfySession:
 
     # --- images ---------------------------------------------------------------------------------
 
+    async def upload_image(self, name: str, data: bytes) -> str:
+        """Put the image a job starts from into ComfyUI's input folder; the name to give
+        ``LoadImage`` (see `ComfyRest.upload_image`)."""
+        return await self.rest.upload_image(name, data)
+
     async def fetch_images(self, refs: Sequence[ImageRef]) -> list[bytes]:
         """The bytes of each image, in order (see `ImageFetcher.fetch`)."""
         return await self.images.fetch(refs)

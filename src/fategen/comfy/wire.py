@@ -477,10 +477,11 @@ class ComfyRest:
         json_body: Any = None,
         params: Mapping[str, str] | None = None,
         ok: Iterable[int] = (200,),
+        upload: Mapping[str, Any] | None = None,
     ) -> Answer:
         try:
             with trio.fail_after(self.call_timeout):
-                answer = await self._read(method, path, json_body, params)
+                answer = await self._read(method, path, json_body, params, upload)
         except trio.TooSlowError:
             raise ComfyUnavailable(
                 f"ComfyUI at {self.base_url} did not answer {what} within {self.call_timeout:g} s"
@@ -501,11 +502,19 @@ class ComfyRest:
         return answer
 
     async def _read(
-        self, method: str, path: str, json_body: Any, params: Mapping[str, str] | None
+        self,
+        method: str,
+        path: str,
+        json_body: Any,
+        params: Mapping[str, str] | None,
+        upload: Mapping[str, Any] | None = None,
     ) -> Answer:
         limit = self.max_response_bytes
+        extra: dict[str, Any] = {}
+        if upload is not None:  # multipart/form-data: {"files": ..., "data": ...}
+            extra = dict(upload)
         async with self.http.stream(
-            method, self.base_url + path, json=json_body, params=params
+            method, self.base_url + path, json=json_body, params=params, **extra
         ) as response:
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
@@ -605,6 +614,30 @@ class ComfyRest:
                 f'ComfyUI answered {response.status_code} for the image "{ref.filename}"'
             )
         return response.content
+
+    async def upload_image(self, name: str, data: bytes) -> str:
+        """``POST /upload/image`` (multipart: ``image``, ``type=input``, ``overwrite=true``):
+        the image a job starts from, into ComfyUI's input folder. Returns the name ComfyUI
+        stored it as (what ``LoadImage`` names).
+
+        Raises:
+            ComfyError: ComfyUI refused it (one sentence).
+            ComfyUnavailable: ComfyUI cannot be reached.
+        """
+        what = f'the upload of "{name}"'
+        upload = {
+            "files": {"image": (name, data, "image/png")},
+            "data": {"type": "input", "overwrite": "true"},
+        }
+        response = await self._request("POST", "/upload/image", what, upload=upload)
+        if response.status_code != 200:
+            raise ComfyError(f"ComfyUI answered {response.status_code} to {what}")
+        answer = self._json(response, what)
+        stored = answer.get("name") if isinstance(answer, Mapping) else None
+        if not isinstance(stored, str) or not stored:
+            raise ComfyError(f"ComfyUI sent an unreadable answer to {what}")
+        subfolder = answer.get("subfolder") or ""
+        return f"{subfolder}/{stored}" if subfolder else stored
 
     async def object_info(self) -> Mapping[str, Any]:
         """``GET /object_info``: every node class (about 750 KB on a stock install)."""

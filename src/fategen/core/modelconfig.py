@@ -16,6 +16,14 @@ model may list ``loras`` (names or fnmatch patterns it allows; ``[]`` allows non
 ``loraFamilies`` (names of lists under a top-level ``"loraFamilies": {"sdxl": ["sdxl/*"]}``). A
 model with neither takes any LoRA ComfyUI has.
 
+Input images and follow-ups: ``DEFAULTS`` may set ``img2imgStrength`` (0.6, the denoise of
+``--image``), ``varyStrength`` (0.45, of ``--vary``), ``upscaleMethod`` (``"latent"``: a latent
+upscale and a second sampler pass at ``upscaleDenoise``; ``"model"``: an upscale model,
+``upscaleModel``), ``upscaleFactor`` (2) and ``maxUpscalePixels``. A model's img2img and upscale
+workflows are ``<workflow>-img2img`` and ``<workflow>-upscale`` (``upscale-model`` for the model
+method) unless it names them (``img2imgWorkflow``, ``upscaleWorkflow``); a model whose variant
+does not exist cannot take that kind of job (the front desk says so).
+
 Loading is pure (``parse_model_config``) apart from reading the file; errors name the JSON path.
 """
 
@@ -56,6 +64,11 @@ class ModelSpec:
     loras: tuple[str, ...] | None = None
     #: Names of top-level ``loraFamilies`` whose patterns this model also allows.
     lora_families: tuple[str, ...] = ()
+    #: The workflow of a job that starts from an image (None: ``<workflow>-img2img``).
+    img2img_workflow: str | None = None
+    #: The workflow of an upscale (None: ``<workflow>-upscale``, or ``upscale-model`` with
+    #: ``DEFAULTS.upscaleMethod`` "model").
+    upscale_workflow: str | None = None
 
 
 @attrs.frozen
@@ -76,6 +89,19 @@ class Defaults:
     #: The range of a LoRA weight (ComfyUI itself accepts -100 to 100).
     min_lora_weight: float = -2.0
     max_lora_weight: float = 2.0
+    #: The denoise of a job started from an image when the user gives no ``--strength``.
+    img2img_strength: float = 0.6
+    #: The denoise of ``--vary``: img2img from the earlier image, at a low strength.
+    vary_strength: float = 0.45
+    #: ``latent`` (a latent upscale, then a second sampler pass at `upscale_denoise`) or
+    #: ``model`` (an upscale model, `upscale_model`, then a resize to the exact size).
+    upscale_method: str = "latent"
+    upscale_model: str = "4x-UltraSharp.pth"
+    upscale_denoise: float = 0.35
+    #: How much larger an upscale makes each side.
+    upscale_factor: float = 2.0
+    #: Largest width * height of an upscale's result (the default allows 3072 x 3072).
+    max_upscale_pixels: int = 3072 * 3072
 
 
 @attrs.frozen
@@ -87,6 +113,20 @@ class ModelConfig:
 
     def model(self, model_id: str) -> ModelSpec:
         return self.models[model_id]
+
+    def workflow_for(self, model_id: str, kind: str) -> str:
+        """The template a job of ``kind`` (``txt2img``, ``img2img``, ``upscale``) of the model
+        uses."""
+        spec = self.models[model_id]
+        if kind == "img2img":
+            return spec.img2img_workflow or f"{spec.workflow}-img2img"
+        if kind == "upscale":
+            if spec.upscale_workflow:
+                return spec.upscale_workflow
+            if self.defaults.upscale_method == "model":
+                return UPSCALE_MODEL_WORKFLOW
+            return f"{spec.workflow}-upscale"
+        return spec.workflow
 
     def allowed_loras(self, model_id: str) -> tuple[str, ...] | None:
         """The LoRA names or patterns `model_id` allows; None when it has no allow-list."""
@@ -147,6 +187,13 @@ _converter = _make_converter()
 
 #: Top-level keys of the ``models`` layout.
 _TOP_LEVEL = ("DEFAULTS", "models", "loraFamilies")
+
+#: The template of an upscale with an upscale model (``DEFAULTS.upscaleMethod`` "model").
+UPSCALE_MODEL_WORKFLOW = "upscale-model"
+#: The ways to upscale ``DEFAULTS.upscaleMethod`` names.
+UPSCALE_METHODS = ("latent", "model")
+#: The largest ``upscaleFactor``.
+MAX_UPSCALE_FACTOR = 4.0
 
 #: ComfyUI's LoraLoader accepts strengths from -100 to 100.
 COMFY_MAX_LORA_WEIGHT = 100.0
@@ -238,11 +285,15 @@ def parse_model_config(data: Any, *, templates: frozenset[str] | None = None) ->
 
 def _check_spec(where: str, spec: ModelSpec, templates: frozenset[str] | None) -> list[str]:
     problems = []
-    if templates is not None and spec.workflow not in templates:
+    if templates is not None:
         known = ", ".join(sorted(templates)) or "none"
-        problems.append(
-            f"{where}.workflow: template {spec.workflow!r} does not exist (known: {known})"
-        )
+        for key, name in (
+            ("workflow", spec.workflow),
+            ("img2imgWorkflow", spec.img2img_workflow),
+            ("upscaleWorkflow", spec.upscale_workflow),
+        ):
+            if name is not None and name not in templates:
+                problems.append(f"{where}.{key}: template {name!r} does not exist (known: {known})")
     if spec.steps < 1:
         problems.append(f"{where}.steps: must be at least 1, got {spec.steps}")
     for name in ("image_width", "image_height"):
@@ -273,6 +324,27 @@ def _check_defaults(defaults: Defaults, raw_models: Mapping[str, Any]) -> list[s
             f"-{COMFY_MAX_LORA_WEIGHT:g} <= minLoraWeight <= maxLoraWeight <= "
             f"{COMFY_MAX_LORA_WEIGHT:g}, got {low:g} and {high:g}"
         )
+    for key, value in (
+        ("img2imgStrength", defaults.img2img_strength),
+        ("varyStrength", defaults.vary_strength),
+        ("upscaleDenoise", defaults.upscale_denoise),
+    ):
+        if not 0 < value <= 1:
+            problems.append(f"DEFAULTS.{key}: must be more than 0 and at most 1, got {value:g}")
+    if defaults.upscale_method not in UPSCALE_METHODS:
+        problems.append(
+            f"DEFAULTS.upscaleMethod: must be one of {', '.join(UPSCALE_METHODS)}, "
+            f"got {defaults.upscale_method!r}"
+        )
+    if not 1 < defaults.upscale_factor <= MAX_UPSCALE_FACTOR:
+        problems.append(
+            f"DEFAULTS.upscaleFactor: must be more than 1 and at most {MAX_UPSCALE_FACTOR:g}, "
+            f"got {defaults.upscale_factor:g}"
+        )
+    if defaults.max_upscale_pixels < defaults.max_pixels:
+        problems.append("DEFAULTS.maxUpscalePixels: must be at least maxPixels")
+    if not defaults.upscale_model:
+        problems.append("DEFAULTS.upscaleModel: must not be empty")
     return problems
 
 

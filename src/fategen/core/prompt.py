@@ -30,6 +30,17 @@ Pure: no I/O. The grammar, exactly:
 * LoRAs: ``<lora:NAME:WEIGHT>`` tags anywhere (cut out of the text before it is split) and
   ``--lora NAME[:WEIGHT]``, the one modifier that may be repeated; see `fategen.core.loras`
   for their grammar. A LoRA the model's allow-list refuses is an error here already.
+* An input image: ``--image URL`` (http or https), or one sent beside the message (`attached`);
+  ``--strength S`` (more than 0, at most 1: ComfyUI's denoise; default
+  ``DEFAULTS.img2imgStrength``) says how much it changes. Without a size modifier the result
+  keeps the image's aspect ratio at the model's pixel count (sides multiples of 64).
+* Follow-ups: ``--upscale JOB_ID:N`` and ``--vary JOB_ID:N`` (N from 1; just ``JOB_ID`` for a
+  job of one image) start from image N of an earlier job, whose request the caller passes as
+  `base`: the prompt may then be empty, and the prompt, negative, model, LoRAs, size and count
+  come from it unless given. ``--vary`` is img2img from that image at
+  ``DEFAULTS.varyStrength`` with a new seed; ``--upscale`` makes one image
+  ``DEFAULTS.upscaleFactor`` times larger (or ``-w``/``-h``, the other side keeping the
+  image's ratio) with the earlier seed, kept within ``DEFAULTS.maxUpscalePixels``.
 """
 
 from __future__ import annotations
@@ -43,13 +54,47 @@ from fractions import Fraction
 import attrs
 
 from fategen.core.loras import Loras, cut_tags, lora_refusal, parse_loras
-from fategen.core.modelconfig import ModelConfig, ModelSpec
+from fategen.core.modelconfig import UPSCALE_MODEL_WORKFLOW, ModelConfig, ModelSpec
 from fategen.errors import PromptError
 
 MAX_SEED = 2**64 - 1
 #: Seeds fategen draws stay below 2^53, so a JavaScript bot (Discord.js) reads them exactly
 #: from JSON; a user may still give any seed up to `MAX_SEED`.
 MAX_RANDOM_SEED = 2**53 - 1
+
+
+#: The kinds of job a request is: drawn from text, started from an image, an upscale.
+KINDS = ("txt2img", "img2img", "upscale")
+
+
+@attrs.frozen
+class ImageInput:
+    """The image a job starts from."""
+
+    #: Where it came from: an ``http(s)://`` URL, ``upload`` (sent with the request), or
+    #: ``job:<id>:<n>`` (image n of an earlier job, for ``--vary`` and ``--upscale``).
+    source: str
+    #: How much the sampler changes it: ComfyUI's denoise, more than 0 and at most 1.
+    strength: float
+
+    @property
+    def earlier(self) -> tuple[str, int] | None:
+        """``(job id, image number)`` of a follow-up's image, else None."""
+        kind, _, rest = self.source.partition(":")
+        if kind != "job":
+            return None
+        job_id, _, n = rest.rpartition(":")
+        return job_id, int(n)
+
+
+@attrs.frozen
+class FollowUp:
+    """A message's reference to an earlier job: ``--upscale JOB_ID:N`` or ``--vary JOB_ID:N``."""
+
+    kind: str  # "upscale" or "vary"
+    job_id: str
+    #: The image number the user gave (from 1); None when they gave just the job id.
+    index: int | None
 
 
 @attrs.frozen
@@ -68,6 +113,17 @@ class GenerationRequest:
     seed: int
     #: ``(LoRA file name, weight)`` pairs, chained in this order after the checkpoint.
     loras: Loras = ()
+    #: The image it starts from (None: it draws from text alone).
+    image: ImageInput | None = None
+    #: An upscale of ``image`` to ``width`` x ``height`` (``--upscale``).
+    upscale: bool = False
+
+    @property
+    def kind(self) -> str:
+        """``txt2img``, ``img2img`` or ``upscale`` (which workflow variant runs it)."""
+        if self.upscale:
+            return "upscale"
+        return "txt2img" if self.image is None else "img2img"
 
 
 @attrs.frozen
@@ -111,6 +167,10 @@ FLAGS: tuple[Flag, ...] = (
         "detail-tweaker:0.8",
         repeatable=True,
     ),
+    Flag("image", "i", "URL", "start from this image (an http or https URL)", "https://…/cat.png"),
+    Flag("strength", None, "0..1", "how much the input image changes (default 0.6)", "0.6"),
+    Flag("upscale", "u", "JOB:N", "upscale image N of an earlier job", "<job id>:2"),
+    Flag("vary", "v", "JOB:N", "more like image N of an earlier job", "<job id>:2"),
 )
 
 _LONG = {flag.name: flag for flag in FLAGS}
@@ -123,6 +183,12 @@ _DASH_RE = re.compile(r"[\u2013\u2014]([A-Za-z][A-Za-z0-9-]*)(?:=(.*))?")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 _DIGITS_RE = re.compile(r"[0-9]+")
 _RATIO_RE = re.compile(r"([0-9]{1,5}(?:\.[0-9]{1,4})?):([0-9]{1,5}(?:\.[0-9]{1,4})?)")
+_STRENGTH_RE = re.compile(r"(?:0?\.[0-9]{1,6}|[01](?:\.[0-9]{0,6})?)")
+_FOLLOW_RE = re.compile(
+    r"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?::([0-9]{1,3}))?"
+)
+#: The largest side of an upscale (ComfyUI's MAX_RESOLUTION is 16384).
+MAX_UPSCALE_SIDE = 8192
 
 _SYSTEM_RANDOM = random.SystemRandom()
 
@@ -282,8 +348,15 @@ def _round_to(value: float | Fraction, step: int) -> int:
 
 
 def _size(
-    values: dict[str, tuple[_Modifier, str]], spec: ModelSpec, config: ModelConfig
+    values: dict[str, tuple[_Modifier, str]],
+    default: tuple[int, int],
+    config: ModelConfig,
+    *,
+    ratio_of: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
+    """The request's size: from ``-w``/``-h``/``--ar``, a side not given from `default` (whose
+    pixel count ``--ar`` keeps); with `ratio_of` (an input image's size) and no size modifier,
+    that image's ratio at `default`'s pixel count."""
     width = _side("width", values["width"][1], config) if "width" in values else None
     height = _side("height", values["height"][1], config) if "height" in values else None
     if "ar" in values:
@@ -300,13 +373,15 @@ def _size(
             width = _round_to(height * ratio, 8)
             _check_derived("width", width, f"--height {height} with --ar {raw}", config)
         else:
-            pixels = spec.image_width * spec.image_height
+            pixels = default[0] * default[1]
             width = _round_to(math.sqrt(pixels * ratio), 64)
             height = _round_to(math.sqrt(pixels / ratio), 64)
             _check_derived("width", width, f"--ar {raw}", config)
             _check_derived("height", height, f"--ar {raw}", config)
-    width = spec.image_width if width is None else width
-    height = spec.image_height if height is None else height
+    elif ratio_of is not None and width is None and height is None:
+        width, height = _fit(ratio_of, default[0] * default[1], config)
+    width = default[0] if width is None else width
+    height = default[1] if height is None else height
     limit = config.defaults.max_pixels
     if width * height > limit:
         side = math.isqrt(limit) // 8 * 8
@@ -317,8 +392,109 @@ def _size(
     return width, height
 
 
+def _fit(image: tuple[int, int], pixels: int, config: ModelConfig) -> tuple[int, int]:
+    """An input image's aspect ratio at ``pixels``, sides multiples of 64 within the limits
+    (a very long or tall image is cropped a little more: the sides are clamped)."""
+    limits = config.defaults
+    ratio = Fraction(image[0], image[1])
+    low, high = -(-limits.min_size // 8) * 8, limits.max_size // 8 * 8
+    width = min(high, max(low, _round_to(math.sqrt(pixels * ratio), 64)))
+    height = min(high, max(low, _round_to(math.sqrt(pixels / ratio), 64)))
+    while width * height > limits.max_pixels:  # rounding up may pass the limit
+        width, height = max(low, width - 64), max(low, height - 64)
+    return width, height
+
+
+def _strength(values: dict[str, tuple[_Modifier, str]]) -> float | None:
+    if "strength" not in values:
+        return None
+    raw = values["strength"][1]
+    if not _STRENGTH_RE.fullmatch(raw) or not 0 < float(raw) <= 1:
+        raise PromptError(
+            f"--strength must be a number more than 0 and at most 1 (how much the image "
+            f"changes), got {_show(raw)}"
+        )
+    return float(raw)
+
+
+def _follow_up(values: dict[str, tuple[_Modifier, str]]) -> FollowUp | None:
+    given = [name for name in ("upscale", "vary") if name in values]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise PromptError("give either --upscale or --vary, not both")
+    name = given[0]
+    raw = values[name][1]
+    match = _FOLLOW_RE.fullmatch(raw)
+    if not match:
+        raise PromptError(
+            f"--{name} needs an earlier job's id and the image's number, e.g. "
+            f"--{name} 3f0c2a9e-5b7d-4c1e-9a8f-1d2e3c4b5a69:2; got {_show(raw)}"
+        )
+    index = None if match[2] is None else int(match[2])
+    if index == 0:
+        raise PromptError(f"--{name}: images are numbered from 1, got {_show(raw)}")
+    return FollowUp(name, match[1].lower(), index)
+
+
+def follow_up_of(message: str) -> FollowUp | None:
+    """The earlier job a message follows up on (``--upscale``/``--vary``), or None; the caller
+    looks it up and passes its request to `parse_request` as ``base``.
+
+    Raises:
+        PromptError: the message does not parse, or names the earlier job wrongly.
+    """
+    return _follow_up(_split(message)[1])
+
+
+def _upscale_size(
+    values: dict[str, tuple[_Modifier, str]], source: tuple[int, int], config: ModelConfig
+) -> tuple[int, int]:
+    """An upscale's size: ``upscaleFactor`` times the image's, or ``-w``/``-h`` (a side not
+    given keeps the image's ratio); the factor's size is shrunk to fit ``maxUpscalePixels``,
+    a size the user gives must fit it."""
+    defaults = config.defaults
+    limit = defaults.max_upscale_pixels
+    if "ar" in values:
+        raise PromptError("--ar cannot be used with --upscale (it keeps the image's ratio)")
+    sides: dict[str, int] = {}
+    for name in ("width", "height"):
+        if name in values:
+            raw = values[name][1]
+            value = _whole(raw)
+            if value is None or value % 8 or not 8 <= value <= MAX_UPSCALE_SIDE:
+                raise PromptError(
+                    f"--{name} of an upscale must be a multiple of 8 up to "
+                    f"{MAX_UPSCALE_SIDE}, got {_show(raw)}"
+                )
+            sides[name] = value
+    ratio = Fraction(source[0], source[1])
+    if not sides:
+        factor = defaults.upscale_factor
+        width, height = source[0] * factor, source[1] * factor
+        if width * height > limit:  # as large as allowed, in the image's ratio
+            height = math.sqrt(limit / ratio)
+            width = height * ratio
+        return max(8, int(width) // 8 * 8), max(8, int(height) // 8 * 8)
+    width = sides.get("width") or _round_to(sides["height"] * ratio, 8)
+    height = sides.get("height") or _round_to(width / ratio, 8)
+    if width * height > limit or max(width, height) > MAX_UPSCALE_SIDE:
+        side = math.isqrt(limit) // 8 * 8
+        raise PromptError(
+            f"an upscale to {width}x{height} is {width * height} pixels, over the limit of "
+            f"{limit} (about {side}x{side})"
+        )
+    return width, height
+
+
 def parse_request(
-    message: str, config: ModelConfig, *, rng: random.Random | None = None
+    message: str,
+    config: ModelConfig,
+    *,
+    rng: random.Random | None = None,
+    base: GenerationRequest | None = None,
+    image_size: tuple[int, int] | None = None,
+    attached: str | None = None,
 ) -> GenerationRequest:
     """Parse one chat line (see the module docstring for the grammar).
 
@@ -326,26 +502,105 @@ def parse_request(
         message: the user's text, without any bot command prefix.
         config: models and limits.
         rng: draws the seed when the user gives none (default: `random.SystemRandom`).
+        base: the request of the earlier job a follow-up (`follow_up_of`) names.
+        image_size: the input image's width and height, once it was fetched (an img2img
+            without a size then keeps its ratio; an upscale starts from it). Without it, the
+            size is what it would be for a text prompt: parse again once the image is here.
+        attached: the source of an image sent beside the message (``upload``, or a URL from
+            the request's ``image_url``).
 
     Raises:
         PromptError: ``str()`` is one line a bot can send back to the user.
+        ValueError: a follow-up without its `base` (the caller's mistake).
     """
     prompt, values, tags, lora_options = _split(message)
-    if not prompt:
+    follow = _follow_up(values)
+    if follow is not None and base is None:
+        raise ValueError("a follow-up needs the earlier job's request as base")
+    if follow is None:
+        base = None
+    if not prompt and base is None:
         raise PromptError(
             "the prompt is empty; write what to draw before the first modifier, "
             "e.g. 'a red fox in the snow --ar 16:9'"
         )
     defaults = config.defaults
-    model = _resolve_model(values["model"][1], config) if "model" in values else defaults.model
-    width, height = _size(values, config.models[model], config)
-    count = defaults.count
+    source = values["image"][1] if "image" in values else None
+    if source is not None and attached is not None:
+        raise PromptError("give one input image: --image or an attached image, not both")
+    if follow is not None and (source is not None or attached is not None):
+        raise PromptError(
+            f"--{follow.kind} starts from the earlier job's image; drop the other input image"
+        )
+    source = source if source is not None else attached
+    if (
+        source is not None
+        and source != "upload"
+        and not source.lower().startswith(("http://", "https://"))
+    ):
+        raise PromptError(f"--image needs an http:// or https:// URL, got {_show(source)}")
+    strength = _strength(values)
+    if strength is not None and source is None and follow is None:
+        raise PromptError(
+            "--strength needs an input image (--image URL, --vary JOB:N or an attached image)"
+        )
+    if "model" in values:
+        model = _resolve_model(values["model"][1], config)
+    else:
+        model = base.model if base is not None else defaults.model
+    spec = config.models[model]
+    image: ImageInput | None = None
+    upscale = follow is not None and follow.kind == "upscale"
+    if follow is not None:
+        assert base is not None
+        index = follow.index
+        if index is None:
+            if base.count != 1:
+                raise PromptError(
+                    f"job {follow.job_id} made {base.count} images; say which, e.g. "
+                    f"--{follow.kind} {follow.job_id}:2"
+                )
+            index = 1
+        if index > base.count:
+            which = "1" if base.count == 1 else f"1 to {base.count}"
+            raise PromptError(
+                f"job {follow.job_id} made {base.count} image{'s' if base.count > 1 else ''}; "
+                f"pick {which}"
+            )
+        if upscale:
+            model_method = defaults.upscale_method == "model" and not spec.upscale_workflow
+            if strength is not None and model_method:
+                raise PromptError(
+                    "--strength has no effect on this service's upscales (an upscale model "
+                    "runs them, not a second pass); drop it"
+                )
+            default_strength = defaults.upscale_denoise
+        else:
+            default_strength = defaults.vary_strength
+        image = ImageInput(f"job:{follow.job_id}:{index}", strength or default_strength)
+    elif source is not None:
+        image = ImageInput(source, strength or defaults.img2img_strength)
+    if upscale:
+        assert base is not None
+        width, height = _upscale_size(values, image_size or (base.width, base.height), config)
+    elif base is not None:
+        width, height = _size(values, (base.width, base.height), config)
+    else:
+        ratio_of = image_size if image is not None else None
+        width, height = _size(
+            values, (spec.image_width, spec.image_height), config, ratio_of=ratio_of
+        )
+    count = base.count if base is not None and not upscale else defaults.count
     if "count" in values:
         raw = values["count"][1]
+        if upscale:
+            raise PromptError("an upscale makes one image; drop --count")
         parsed = _whole(raw)
         if parsed is None or not 1 <= parsed <= defaults.max_count:
             raise PromptError(f"--count must be 1 to {defaults.max_count}, got {_show(raw)}")
         count = parsed
+    elif upscale:
+        count = 1
     if "seed" in values:
         raw = values["seed"][1]
         parsed = _whole(raw)
@@ -354,18 +609,30 @@ def parse_request(
                 f"--seed must be a whole number from 0 to {MAX_SEED}, got {_show(raw)}"
             )
         seed = parsed
+    elif upscale and base is not None:
+        seed = base.seed
     else:
         seed = (rng or _SYSTEM_RANDOM).randrange(MAX_RANDOM_SEED + 1)
-    negative = values["no"][1] if "no" in values else ""
+    negative = base.negative if base is not None else ""
+    if "no" in values:
+        negative = values["no"][1]
+    if tags or lora_options or base is None:
+        loras = parse_loras(tags, lora_options, config)
+    else:
+        loras = base.loras
+    if upscale and config.workflow_for(model, "upscale") == UPSCALE_MODEL_WORKFLOW:
+        loras = ()  # an upscale model loads no checkpoint to patch
     request = GenerationRequest(
-        prompt=prompt,
+        prompt=prompt or (base.prompt if base is not None else ""),
         negative=negative,
         model=model,
         width=width,
         height=height,
         count=count,
         seed=seed,
-        loras=parse_loras(tags, lora_options, config),
+        loras=loras,
+        image=image,
+        upscale=upscale,
     )
     if refusal := lora_refusal(request, None, config):
         raise PromptError(refusal)
@@ -379,7 +646,9 @@ def render_request(request: GenerationRequest) -> str:
     ``parse_request(render_request(r), config) == r`` for every request `parse_request`
     returns, and for any valid request whose prompt and negative are whitespace-normalised
     and contain no modifier-like words. No quoting exists: a request whose text holds a
-    modifier is rendered as-is and will not parse back to itself.
+    modifier is rendered as-is and will not parse back to itself. A request that starts from
+    an image renders its source (``--image URL``, ``--vary``/``--upscale JOB:N``) and
+    strength; it parses back only with the same ``base``/``attached`` (an upload has no URL).
     """
     parts = [
         request.prompt,
@@ -387,9 +656,18 @@ def render_request(request: GenerationRequest) -> str:
         f"--model {request.model}",
         f"--width {request.width}",
         f"--height {request.height}",
-        f"--count {request.count}",
-        f"--seed {request.seed}",
     ]
+    if not request.upscale:
+        parts.append(f"--count {request.count}")
+    parts.append(f"--seed {request.seed}")
+    if request.image is not None:
+        earlier = request.image.earlier
+        if earlier is not None:
+            kind = "upscale" if request.upscale else "vary"
+            parts.append(f"--{kind} {earlier[0]}:{earlier[1]}")
+        elif request.image.source != "upload":
+            parts.append(f"--image {request.image.source}")
+        parts.append(f"--strength {request.image.strength!r}")
     if request.negative:
         parts.append(f"--no {request.negative}")
     return " ".join(parts)

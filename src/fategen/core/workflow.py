@@ -26,11 +26,12 @@ from typing import Any
 import attrs
 
 from fategen.core.loras import Loras
-from fategen.core.modelconfig import ModelSpec
+from fategen.core.modelconfig import ModelConfig, ModelSpec
 from fategen.core.prompt import GenerationRequest, negative_text, positive_text
 from fategen.errors import WorkflowError
 
-#: parameter -> (node title, input name).
+#: parameter -> (node title, input name). A few parameters have a second binding, used by the
+#: templates that start from an image (`IMAGE_BINDINGS`).
 BINDINGS: Mapping[str, tuple[str, str]] = {
     "checkpoint": ("checkpoint", "ckpt_name"),
     "positive": ("positive", "text"),
@@ -44,12 +45,36 @@ BINDINGS: Mapping[str, tuple[str, str]] = {
     "sampler_name": ("sampler", "sampler_name"),
     "scheduler": ("sampler", "scheduler"),
     "filename_prefix": ("save", "filename_prefix"),
+    # Templates that start from an image:
+    "image": ("image", "image"),
+    "denoise": ("sampler", "denoise"),
+    "upscale_model": ("upscaler", "model_name"),
 }
 
-#: Parameters every template must bind (the ``save`` node is the workflow's output).
+#: The bindings of a template without a ``latent`` node: the image's size is set by a
+#: ``resize`` node (LatentUpscale, ImageScale), the image count by a ``batch`` node
+#: (RepeatLatentBatch).
+IMAGE_BINDINGS: Mapping[str, tuple[str, str]] = {
+    "width": ("resize", "width"),
+    "height": ("resize", "height"),
+    "batch_size": ("batch", "amount"),
+}
+
+#: Parameters every text-to-image template must bind (the ``save`` node is the output).
 REQUIRED: frozenset[str] = frozenset(
     {"checkpoint", "positive", "width", "height", "batch_size", "seed", "filename_prefix"}
 )
+#: Parameters every template that starts from an image (it has an ``image`` node) must bind.
+REQUIRED_IMAGE: frozenset[str] = frozenset({"image", "filename_prefix"})
+
+#: What a job of each kind needs its template to bind (`build_workflow` checks).
+NEEDS: Mapping[str, frozenset[str]] = {
+    "txt2img": REQUIRED,
+    "img2img": frozenset(
+        {"checkpoint", "positive", "image", "denoise", "batch_size", "seed", "filename_prefix"}
+    ),
+    "upscale": frozenset({"image", "width", "height", "filename_prefix"}),
+}
 
 #: What each parameter is, for error messages ("... so it cannot take a negative prompt").
 _WHAT: Mapping[str, str] = {
@@ -65,9 +90,14 @@ _WHAT: Mapping[str, str] = {
     "sampler_name": "a sampler name",
     "scheduler": "a scheduler",
     "filename_prefix": "a file name prefix",
+    "image": "an input image",
+    "denoise": "a strength (denoise)",
+    "upscale_model": "an upscale model",
 }
 
-_TITLES: frozenset[str] = frozenset(title for title, _ in BINDINGS.values())
+_TITLES: frozenset[str] = frozenset(
+    title for title, _ in (*BINDINGS.values(), *IMAGE_BINDINGS.values())
+)
 
 #: ComfyUI's KSampler accepts seeds 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
@@ -83,13 +113,20 @@ class WorkflowTemplate:
 
     ``graph`` is the template's own copy of the API-format graph: treat it as read-only
     (`build_workflow` deep-copies it). ``bound`` holds the parameters (keys of `BINDINGS`) this
-    template can take; ``nodes`` maps each bound title to its node id.
+    template can take; ``nodes`` maps each bound title to its node id; ``bindings`` maps each
+    bound parameter to its (title, input).
     """
 
     name: str
     graph: dict[str, Any] = attrs.field(repr=False)
     bound: frozenset[str]
     nodes: Mapping[str, str] = attrs.field(repr=False)
+    bindings: Mapping[str, tuple[str, str]] = attrs.field(repr=False, factory=dict)
+
+    @property
+    def from_image(self) -> bool:
+        """Whether it starts from an input image (it has a node titled ``image``)."""
+        return "image" in self.bound
 
 
 def _is_link(value: Any) -> bool:
@@ -146,8 +183,10 @@ def parse_template(name: str, data: Any) -> WorkflowTemplate:
                     f"(nodes {nodes[title]!r} and {node_id!r})"
                 )
             nodes[title] = node_id
-    bound = set()
+    bindings: dict[str, tuple[str, str]] = {}
     for param, (title, input_name) in BINDINGS.items():
+        if title not in nodes and param in IMAGE_BINDINGS:
+            title, input_name = IMAGE_BINDINGS[param]
         if title not in nodes:
             continue
         inputs = graph[nodes[title]]["inputs"]
@@ -158,15 +197,17 @@ def parse_template(name: str, data: Any) -> WorkflowTemplate:
                 f"{where}: input {input_name!r} of the node titled {title!r} is linked to "
                 "another node; it must hold a value"
             )
-        bound.add(param)
-    missing = sorted({BINDINGS[param][0] for param in REQUIRED - bound})
+        bindings[param] = (title, input_name)
+    bound = frozenset(bindings)
+    required = REQUIRED_IMAGE if "image" in bound else REQUIRED
+    missing = sorted({BINDINGS[param][0] for param in required - bound})
     if missing:
         raise WorkflowError(
             f"{where} has no node titled "
             + ", ".join(repr(t) for t in missing)
             + " (rename the nodes in ComfyUI and export again)"
         )
-    return WorkflowTemplate(name=name, graph=graph, bound=frozenset(bound), nodes=nodes)
+    return WorkflowTemplate(name=name, graph=graph, bound=bound, nodes=nodes, bindings=bindings)
 
 
 def load_template(path: Path) -> WorkflowTemplate:
@@ -203,6 +244,8 @@ def build_workflow(
     request: GenerationRequest,
     *,
     filename_prefix: str,
+    image_name: str | None = None,
+    upscale_model: str | None = None,
 ) -> dict[str, Any]:
     """The API-format graph for one request (pure): a deep copy of the template with values set.
 
@@ -212,12 +255,25 @@ def build_workflow(
     the template's values stay). A template without a ``negative`` node can still run a request
     whose negative text is empty.
 
+    A request that starts from an image (``request.kind`` ``img2img`` or ``upscale``) also sets
+    the ``image`` node to `image_name` (the name ComfyUI stored the upload as) and the sampler's
+    denoise to ``request.image.strength``. An img2img template takes the image's size as it is
+    (the image was resized to the request's size on arrival); an upscale template has a
+    ``resize`` node for the result's size, and either a checkpoint and sampler (a second pass)
+    or an ``upscaler`` node (`upscale_model`); what it lacks of the second pass is not set.
+
     Raises:
         WorkflowError: the request needs a parameter the template does not bind, or the seed is
             outside ComfyUI's range.
     """
     if not 0 <= request.seed <= MAX_SEED:
         raise WorkflowError(f"the seed must be between 0 and {MAX_SEED}, got {request.seed}")
+    kind = request.kind
+    if (kind != "txt2img") != template.from_image:
+        wanted = "starts from an image" if template.from_image else "draws from text"
+        raise WorkflowError(
+            f"the workflow {template.name!r} {wanted}, so it cannot run a {kind} job"
+        )
     values: dict[str, Any] = {
         "checkpoint": spec.checkpoint_name,
         "positive": spec.system_prompt + positive_text(request, spec),
@@ -238,18 +294,52 @@ def build_workflow(
         values["sampler_name"] = spec.sampler
     if spec.scheduler is not None:
         values["scheduler"] = spec.scheduler
+    needed = set(NEEDS[kind])
+    if request.image is not None:
+        values["image"] = image_name or "input.png"
+        values["denoise"] = request.image.strength
+        if upscale_model is not None:
+            values["upscale_model"] = upscale_model
+        if kind == "upscale" and "checkpoint" in template.bound:  # a second sampler pass
+            needed |= {"positive", "seed", "denoise"}
+        if negative and "checkpoint" in template.bound:
+            needed.add("negative")
+        # What the image-based template does not bind is not set: an img2img template takes
+        # the image's own size, a model upscale has no sampler.
+        values = {p: v for p, v in values.items() if p in template.bound or p in needed}
     graph = copy.deepcopy(template.graph)
     for param, value in values.items():
-        title, input_name = BINDINGS[param]
         if param not in template.bound:
+            binding = IMAGE_BINDINGS.get(param) if template.from_image else None
+            binding = binding or BINDINGS[param]
             raise WorkflowError(
-                f"the workflow {template.name!r} has no node titled {title!r}, "
+                f"the workflow {template.name!r} has no node titled {binding[0]!r}, "
                 f"so it cannot take {_WHAT[param]}"
             )
+        title, input_name = template.bindings[param]
         graph[template.nodes[title]]["inputs"][input_name] = value
-    if request.loras:
+    if request.loras and "checkpoint" in template.bound:
         graph = add_loras(graph, template.nodes["checkpoint"], request.loras, where=template.name)
     return graph
+
+
+def template_for(
+    config: ModelConfig, templates: Mapping[str, WorkflowTemplate], request: GenerationRequest
+) -> WorkflowTemplate:
+    """The template that runs `request`: its model's workflow for the request's kind.
+
+    Raises:
+        WorkflowError: the model has no workflow of that kind (one sentence for the user).
+    """
+    name = config.workflow_for(request.model, request.kind)
+    template = templates.get(name)
+    if template is None:
+        what = {"img2img": "start from an image", "upscale": "upscale"}.get(request.kind, "run")
+        raise WorkflowError(
+            f'model "{request.model}" cannot {what} on this service (it has no workflow '
+            f"{name!r}); pick another model with -m"
+        )
+    return template
 
 
 def _new_ids(graph: Mapping[str, Any], count: int) -> list[str]:

@@ -21,7 +21,7 @@ from fategen.comfy.session import ComfySession
 from fategen.comfy.watchdog import IdleWatchdog
 from fategen.core.availability import ModelAvailability
 from fategen.core.backends import BackendSpec
-from fategen.core.modelconfig import ModelConfig
+from fategen.core.modelconfig import UPSCALE_MODEL_WORKFLOW, ModelConfig
 from fategen.core.workflow import WorkflowTemplate
 from fategen.errors import FategenError
 from fategen.store.jobs import Job, JobStore
@@ -70,6 +70,10 @@ class Backend:
     unavailable: dict[str, str] = attrs.field(factory=dict)
     #: The LoRA files it has, as found on its last check (None: not known).
     loras: frozenset[str] | None = None
+    #: ``(model id, kind)`` -> why it cannot run that kind of job (``img2img``, ``upscale``)
+    #: of a model it can otherwise run: a node type of the variant's workflow, or the upscale
+    #: model, is missing.
+    unrunnable: dict[tuple[str, str], str] = attrs.field(factory=dict)
     #: The checkpoint it last ran (None after an idle unload, or before its first job).
     loaded: str | None = None
     #: False once drained: it finishes what it holds and takes nothing new.
@@ -115,6 +119,9 @@ class Backend:
         loras = self.loras
         if loras is not None and not all(name in loras for name, _ in job.request.loras):
             return False  # it lacks one of the job's LoRAs
+        kind = job.request.kind
+        if kind != "txt2img" and (job.model, kind) in self.unrunnable:
+            return self._fleet is not None and self._fleet.kind_refusal(job.model, kind) is not None
         if self.runnable is None or job.model in self.runnable:
             return True
         return self._fleet is not None and self._fleet.availability.reason(job.model) is not None
@@ -165,10 +172,12 @@ class Backend:
         runnable: frozenset[str] | None,
         unavailable: dict[str, str],
         loras: frozenset[str] | None = None,
+        unrunnable: dict[tuple[str, str], str] | None = None,
     ) -> None:
         self.runnable = runnable
         self.unavailable = unavailable
         self.loras = loras
+        self.unrunnable = unrunnable or {}
         self._checked_connection = self.session.connections
         if self._fleet is not None:
             self._fleet.changed()
@@ -229,6 +238,21 @@ class Fleet:
         if not known:
             return None
         return frozenset().union(*known)
+
+    def kind_refusal(self, model: str, kind: str) -> str | None:
+        """Why no backend can run a ``kind`` job of ``model`` (one sentence naming what each
+        lacks), or None if one can (or some were not checked yet). O(backends)."""
+        if kind == "txt2img":
+            return None
+        reasons = []
+        for backend in self.backends.values():
+            if backend.runnable is None:
+                return None
+            reason = backend.unrunnable.get((model, kind))
+            if reason is None and model in backend.runnable:
+                return None
+            reasons.append(reason or backend.unavailable.get(model, "it cannot run the model"))
+        return "; ".join(dict.fromkeys(reasons)) or None
 
     def home(self, job: Job) -> Backend | None:
         """The backend the job's prompt was last posted to, if it is one of the fleet."""
@@ -346,7 +370,22 @@ async def check_backend(
             backend.session.label,
             ", ".join(sorted(found.unavailable)) or "none",
         )
-    backend.checked(runnable, dict(found.unavailable), found.loras)
+    unrunnable: dict[tuple[str, str], str] = {}
+    for model in runnable:
+        for kind in ("img2img", "upscale"):
+            name = config.workflow_for(model, kind)
+            if name in found.missing_nodes:
+                unrunnable[model, kind] = (
+                    f"{backend.session.label} lacks the node type "
+                    f'"{found.missing_nodes[name][0]}" of the workflow {name!r}'
+                )
+            elif name == UPSCALE_MODEL_WORKFLOW and (
+                config.defaults.upscale_model not in found.upscale_models
+            ):
+                wanted = config.defaults.upscale_model
+                unrunnable[model, kind] = f'{backend.session.label} has no upscale model "{wanted}"'
+
+    backend.checked(runnable, dict(found.unavailable), found.loras, unrunnable)
     return found.warnings
 
 

@@ -188,9 +188,11 @@ def _whole_file(path: Path) -> bool:
 
 def remove_partial_results(out_dir: Path) -> int:
     """Delete temporary files a crash left mid-write (``.<id>.webp.<hex>.tmp``, and
-    ``.<id>-<n>.webp.<hex>.tmp`` of each image); how many (blocking: run at start-up)."""
+    ``.<id>-<n>.webp.<hex>.tmp`` of each image, ``.<id>-input.png.<hex>.tmp`` of an input
+    image); how many (blocking: run at start-up)."""
     removed = 0
-    for temp in out_dir.glob(".*.webp.*.tmp"):
+    temps = [*out_dir.glob(".*.webp.*.tmp"), *out_dir.glob(".*-input.png.*.tmp")]
+    for temp in temps:
         try:
             temp.unlink()
             removed += 1

@@ -17,9 +17,11 @@ error, a refused workflow), or once ``max_losses`` backends in a row lost it whi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import NoReturn, Protocol
 
 import attrs
@@ -27,13 +29,21 @@ import trio
 
 from fategen.comfy.wire import ImageRef
 from fategen.core.modelconfig import ModelConfig
-from fategen.core.workflow import WorkflowTemplate, build_workflow
-from fategen.errors import ComfyUnavailable, FategenError
+from fategen.core.workflow import WorkflowTemplate, build_workflow, template_for
+from fategen.errors import ComfyUnavailable, FategenError, InputImageError
 from fategen.queue.fleet import Backend, Fleet
 from fategen.queue.scheduler import Scheduler, WorkRequest
 from fategen.store.jobs import Job, JobStatus, JobStore
+from fategen.store.retention import input_path
 
 log = logging.getLogger("fategen.worker")
+
+
+def _read_input(path: Path) -> tuple[str, bytes]:
+    """A job's input image and its upload name, ``fategen-<hash>.png`` (blocking)."""
+    data = path.read_bytes()
+    return f"fategen-{hashlib.sha256(data).hexdigest()[:24]}.png", data
+
 
 #: A job lost by this many backends in a row while it ran fails (``FATEGEN_MAX_LOSSES``).
 MAX_LOSSES = 3
@@ -62,6 +72,7 @@ class Session(Protocol):
         on_preview: Callable[[bytes, str], None] | None = None,
     ) -> list[ImageRef]: ...
     async def cancel(self, prompt_id: str) -> None: ...
+    async def upload_image(self, name: str, data: bytes) -> str: ...
     async def lookup(self, prompt_id: str) -> str: ...
     async def withdraw(self, prompt_id: str) -> bool: ...
     def forget(self, prompt_id: str) -> None: ...
@@ -79,6 +90,8 @@ class ComfyWorker:
     backend: Backend
     fleet: Fleet
     max_losses: int = MAX_LOSSES
+    #: Where the images jobs start from are kept (`fategen.store.retention.input_path`).
+    output_dir: Path | None = None
     _scopes: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
     #: Jobs this worker holds (from dispatch to the hand-over to the post-processor, or
     #: their end); the backend's ``held`` has those of all its workers.
@@ -304,9 +317,18 @@ class ComfyWorker:
         if job.status.finished or job.id in self._cancels:  # cancelled after its dispatch
             return False
         spec = self.config.models[job.model]
+        image: tuple[str, bytes] | None = None
         try:
+            if job.request.image is not None:
+                image = await self._input_image(job)
+            template = template_for(self.config, self.templates, job.request)
             workflow = build_workflow(
-                self.templates[spec.workflow], spec, job.request, filename_prefix="fategen"
+                template,
+                spec,
+                job.request,
+                filename_prefix="fategen",
+                image_name=None if image is None else image[0],
+                upscale_model=self.config.defaults.upscale_model,
             )
         except FategenError as exc:
             await self._fail(job, str(exc))
@@ -334,6 +356,27 @@ class ComfyWorker:
             if state in ("queued", "running", "done"):
                 log.info("job %s is %s on ComfyUI; following it", job.id, state)
                 return True
+        if image is not None:
+            # Into ComfyUI's input folder, under a name of its content (uploading it again,
+            # after a loss or on another backend, is harmless).
+            try:
+                stored = await self.session.upload_image(*image)
+            except ComfyUnavailable:
+                raise  # the caller queues it again
+            except FategenError as exc:
+                await self._fail(job, str(exc))
+                return False
+            if stored != image[0]:
+                workflow = build_workflow(
+                    template,
+                    spec,
+                    job.request,
+                    filename_prefix="fategen",
+                    image_name=stored,
+                    upscale_model=self.config.defaults.upscale_model,
+                )
+            if job.ended() or job.id in self._cancels:
+                return False
         # On disk before the post: after a crash, the job is looked up in ComfyUI (and goes
         # first). Not if it was cancelled meanwhile.
         if not await self.store.update(
@@ -356,6 +399,22 @@ class ComfyWorker:
             self.session.forget(job.id)
             return False
         return True
+
+    async def _input_image(self, job: Job) -> tuple[str, bytes]:
+        """The image the job starts from (read in a thread) and the name it is uploaded as.
+
+        Raises:
+            InputImageError: it is gone from the output folder.
+        """
+        if self.output_dir is None:
+            raise InputImageError("this service keeps no input images (no output folder)")
+        path = input_path(self.output_dir, job.id)
+        try:
+            return await trio.to_thread.run_sync(_read_input, path)
+        except OSError:
+            raise InputImageError(
+                f"the image job {job.id} starts from is gone from {path.parent}"
+            ) from None
 
     async def _comfy_state(self, job: Job) -> str | None:
         """Where ComfyUI has the job's prompt (``done``, ``running``, ``queued``,

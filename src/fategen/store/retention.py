@@ -1,7 +1,8 @@
 """Retention: finished jobs and their images are deleted once older than a configured age.
 
 A job's images are its grid (``<id>.webp``) and, when it made more than one, each image
-(``<id>-<n>.webp``, n from 1; `image_path`).
+(``<id>-<n>.webp``, n from 1; `image_path`); a job that started from an image also has that
+image (``<id>-input.png``; `input_path`).
 
 `prune` does one pass, `BATCH` jobs at a time: it asks SQLite for the expired ids (finished
 jobs are not all in memory), deletes their images in a worker thread, then their rows in one
@@ -34,16 +35,40 @@ def image_path(output_dir: Path, job_id: str, n: int) -> Path:
     return output_dir / f"{job_id}-{n}.webp"
 
 
+def input_path(output_dir: Path, job_id: str) -> Path:
+    """The image a job starts from, as fategen keeps it (a PNG, written when it was accepted)."""
+    return output_dir / f"{job_id}-input.png"
+
+
+def remove_orphan_inputs(output_dir: Path, has: Callable[[str], bool]) -> int:
+    """Delete the input images no stored job has (blocking: run at start-up). An input image
+    is written before its job's row is committed: a crash between the two leaves one. O(input
+    images kept), one primary-key probe each."""
+    removed = 0
+    for path in output_dir.glob("*-input.png"):
+        job_id = path.name.removesuffix("-input.png")
+        if has(job_id):
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError as exc:
+            log.warning("could not remove %s: %s", path, exc.strerror)
+    if removed:
+        log.info("removed %d input image(s) of jobs that were never added", removed)
+    return removed
+
+
 def result_files(output_dir: Path, job_id: str) -> list[Path]:
-    """A job's files, to delete in this order (blocking): its images last to first, then its
-    grid. They are written first to last, grid last, and deleted from the end, so a pass cut
-    short leaves images 1 to k, all found by the next pass."""
+    """A job's files, to delete in this order (blocking): its input image, its images last to
+    first, then its grid. They are written first to last, grid last, and deleted from the
+    end, so a pass cut short leaves images 1 to k, all found by the next pass."""
     paths: list[Path] = []
     n = 1
     while (path := image_path(output_dir, job_id, n)).exists():
         paths.append(path)
         n += 1
-    return [*reversed(paths), result_path(output_dir, job_id)]
+    return [input_path(output_dir, job_id), *reversed(paths), result_path(output_dir, job_id)]
 
 
 def _delete_files(output_dir: Path, job_ids: list[str]) -> None:

@@ -471,6 +471,12 @@ class JobDB:
         (highest,) = self._conn.execute(f"SELECT max(m) FROM ({parts})", statuses).fetchone()
         return int(highest or 0)
 
+    def has(self, job_id: str) -> bool:
+        """Whether a job of this id is stored (a primary-key probe)."""
+        return (
+            self._conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+        )
+
     def get(self, job_id: str) -> Job | None:
         row = self._conn.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else job_from_body(row[0])
