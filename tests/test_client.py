@@ -107,6 +107,34 @@ async def test_the_async_client_under_asyncio(stack: Stack) -> None:
     assert not kinds or (kinds[0], kinds[-1]) == ("snapshot", "completed")
 
 
+async def test_an_uploaded_image_and_its_follow_ups(stack: Stack) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 128), (10, 200, 30)).save(buffer, "PNG")
+    with trio.fail_after(30):
+        async with AsyncClient(stack.url) as client:
+            submitted = await client.submit("a meadow -m tiny", "dee", image=buffer.getvalue())
+            job = await client.wait(submitted.job_id)
+            assert job.status == "completed", job
+            assert job.kind == "img2img" and job.input is not None
+            assert job.input.source == "upload" and job.input.url.endswith("/input")
+            assert abs(job.width / job.height - 2) < 0.2  # the upload's 2:1, about
+            up = await client.wait((await client.upscale(job.job_id, 1, "dee")).job_id)
+            assert up.kind == "upscale" and up.input is not None and up.input.image == 1
+            assert (up.width, up.height) == (2 * job.width, 2 * job.height)
+
+    def blocking() -> JobInfo:
+        with Client(stack.url) as client:
+            return client.wait(client.vary(job.job_id, 1, "dee", message="-s 5").job_id)
+
+    with trio.fail_after(30):
+        varied = await trio.to_thread.run_sync(blocking)
+    assert (varied.kind, varied.seed, varied.prompt) == ("img2img", 5, "a meadow")
+    with pytest.raises(FategenClientError, match="pick 1") as info:
+        async with AsyncClient(stack.url) as client:
+            await client.upscale(job.job_id, 2, "dee")
+    assert info.value.status == 400
+
+
 async def test_a_refused_message_raises_the_service_sentence(stack: Stack) -> None:
     async with AsyncClient(stack.url) as client:
         with pytest.raises(FategenClientError) as refused:

@@ -247,6 +247,37 @@ async def test_img_queued_started_done_status_and_a_refusal(tmp_path: Path) -> N
             assert all(size <= LINE_BYTES for size in alice.sizes)
 
 
+async def test_upscale_and_vary_the_latest_job(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with open_irc(tmp_path) as irc, irc.user("cy") as cy:
+            await cy.say(f"!img two owls -c 2 {TINY}")
+            queued = re.fullmatch(
+                r"cy: queued, position \d+ \(job ([0-9a-f]{8})\)", await cy.reply()
+            )
+            assert queued
+            assert await cy.reply() == "cy: started"
+            assert (await cy.reply()).startswith("cy: done ")
+            await cy.say("!upscale 2")
+            up = re.fullmatch(r"cy: queued, position \d+ \(job ([0-9a-f]{8})\)", await cy.reply())
+            assert up, cy.sizes
+            assert await cy.reply() == "cy: started"
+            done = re.fullmatch(r"cy: done (http://\S+/job/(\S+)/image)", await cy.reply())
+            assert done
+            job = (await irc.stack.client.get(f"/job/{done[2]}")).json()
+            assert job["kind"] == "upscale" and (job["width"], job["height"]) == (512, 512)
+            assert job["input"]["image"] == 2 and job["input"]["job_id"].startswith(queued[1])
+            await cy.say(f"!vary {queued[1]} 1 --strength 0.3 -c 1")
+            assert re.fullmatch(r"cy: queued, position \d+ \(job [0-9a-f]{8}\)", await cy.reply())
+            assert await cy.reply() == "cy: started"
+            done = re.fullmatch(r"cy: done (http://\S+/job/(\S+)/image)", await cy.reply())
+            assert done
+            job = (await irc.stack.client.get(f"/job/{done[2]}")).json()
+            assert job["kind"] == "img2img" and job["input"]["strength"] == 0.3
+            await cy.say("!upscale 7")
+            refusal = await cy.reply()
+            assert refusal.startswith("cy: job ") and "made 1 image; pick 1" in refusal
+
+
 async def test_cancel_a_running_job(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with open_irc(tmp_path, slow(2.0)) as irc, irc.user("bob") as bob:

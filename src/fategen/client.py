@@ -115,6 +115,20 @@ class Progress:
 
 
 @attrs.frozen
+class InputInfo:
+    """The image a job starts from."""
+
+    #: Its URL, ``upload``, or ``job`` (an earlier job's image: ``job_id``, ``image``).
+    source: str
+    #: How much it changes (ComfyUI's denoise, 0 to 1).
+    strength: float
+    #: The image as the service keeps it (PNG).
+    url: str
+    job_id: str | None = None
+    image: int | None = None
+
+
+@attrs.frozen
 class JobInfo:
     """A job as ``GET /job/{id}`` shows it (the fields in its order). Fields a newer service
     adds are ignored."""
@@ -148,6 +162,10 @@ class JobInfo:
     key: str | None = None
     #: The ComfyUI backend it was last sent to.
     backend: str | None = None
+    #: txt2img, img2img (from an image, or a ``--vary``) or upscale.
+    kind: str = "txt2img"
+    #: The image it starts from (None when it draws from text alone).
+    input: InputInfo | None = None
     #: The answer as the service sent it, with any field this client does not know.
     raw: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False, kw_only=True)
 
@@ -313,6 +331,9 @@ class _Call(Generic[T]):
     headers: Mapping[str, str] | None = None
     #: Seconds to add to the client's timeout (a long-poll's own).
     extra_seconds: float = 0.0
+    #: A multipart/form-data body: its fields and files (instead of ``json``).
+    data: Mapping[str, str] | None = None
+    files: Mapping[str, tuple[str, bytes, str]] | None = None
 
     def read(self, response: httpx.Response) -> T:
         if not response.is_success:
@@ -339,13 +360,34 @@ def _models(response: httpx.Response) -> list[ModelInfo]:
     return [_structure(ModelInfo, model, "GET /models") for model in models]
 
 
-def _submit(message: str, nick: str, idempotency_key: str | None) -> _Call[Submitted]:
+def _submit(
+    message: str,
+    nick: str,
+    idempotency_key: str | None,
+    image_url: str | None = None,
+    image: bytes | None = None,
+) -> _Call[Submitted]:
+    headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+    parse = _parser(Submitted, "POST /request")
+    if image is not None:  # multipart: the fields, and the image as the file "image"
+        fields = {"message": message, "nick": nick}
+        files = {"image": ("image", image, "application/octet-stream")}
+        return _Call("POST", "/request", parse, headers=headers, data=fields, files=files)
+    body = {"message": message, "nick": nick}
+    if image_url is not None:
+        body["image_url"] = image_url
+    return _Call("POST", "/request", parse, json=body, headers=headers)
+
+
+def _follow_up(
+    job_id: str, kind: str, n: int, nick: str, message: str, idempotency_key: str | None
+) -> _Call[Submitted]:
     headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
     return _Call(
         "POST",
-        "/request",
-        _parser(Submitted, "POST /request"),
-        json={"message": message, "nick": nick},
+        _job_path(job_id, f"/{kind}"),
+        _parser(Submitted, f"POST /job/{{id}}/{kind}"),
+        json={"nick": nick, "n": n, "message": message},
         headers=headers,
     )
 
@@ -449,6 +491,8 @@ class AsyncClient:
                 call.path,
                 params=call.params,
                 json=call.json,
+                data=call.data,
+                files=call.files,
                 headers=call.headers,
                 timeout=self._timeout + call.extra_seconds,
             )
@@ -457,11 +501,44 @@ class AsyncClient:
         return call.read(response)
 
     async def submit(
-        self, message: str, nick: str, *, idempotency_key: str | None = None
+        self,
+        message: str,
+        nick: str,
+        *,
+        idempotency_key: str | None = None,
+        image_url: str | None = None,
+        image: bytes | None = None,
     ) -> Submitted:
         """Queue a chat line (``a lighthouse at night -c 4``) for ``nick``. With an
-        ``idempotency_key``, a retry gets the first job back instead of a second one."""
-        return await self._run(_submit(message, nick, idempotency_key))
+        ``idempotency_key``, a retry gets the first job back instead of a second one. With
+        ``image_url`` or ``image`` (the file's bytes, sent as an upload), the job starts
+        from that image."""
+        return await self._run(_submit(message, nick, idempotency_key, image_url, image))
+
+    async def upscale(
+        self,
+        job_id: str,
+        n: int,
+        nick: str,
+        *,
+        message: str = "",
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        """Queue an upscale of image ``n`` (from 1) of a completed job; ``message`` may
+        override the prompt, model, size, seed or strength."""
+        return await self._run(_follow_up(job_id, "upscale", n, nick, message, idempotency_key))
+
+    async def vary(
+        self,
+        job_id: str,
+        n: int,
+        nick: str,
+        *,
+        message: str = "",
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        """Queue a job like image ``n`` of a completed job (img2img from it, a new seed)."""
+        return await self._run(_follow_up(job_id, "vary", n, nick, message, idempotency_key))
 
     async def job(self, job_id: str) -> JobInfo:
         """The job's state now."""
@@ -587,6 +664,8 @@ class Client:
                 call.path,
                 params=call.params,
                 json=call.json,
+                data=call.data,
+                files=call.files,
                 headers=call.headers,
                 timeout=self._timeout + call.extra_seconds,
             )
@@ -594,9 +673,41 @@ class Client:
             raise _unreachable(self.url, exc) from exc
         return call.read(response)
 
-    def submit(self, message: str, nick: str, *, idempotency_key: str | None = None) -> Submitted:
+    def submit(
+        self,
+        message: str,
+        nick: str,
+        *,
+        idempotency_key: str | None = None,
+        image_url: str | None = None,
+        image: bytes | None = None,
+    ) -> Submitted:
         """As `AsyncClient.submit`."""
-        return self._run(_submit(message, nick, idempotency_key))
+        return self._run(_submit(message, nick, idempotency_key, image_url, image))
+
+    def upscale(
+        self,
+        job_id: str,
+        n: int,
+        nick: str,
+        *,
+        message: str = "",
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        """As `AsyncClient.upscale`."""
+        return self._run(_follow_up(job_id, "upscale", n, nick, message, idempotency_key))
+
+    def vary(
+        self,
+        job_id: str,
+        n: int,
+        nick: str,
+        *,
+        message: str = "",
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        """As `AsyncClient.vary`."""
+        return self._run(_follow_up(job_id, "vary", n, nick, message, idempotency_key))
 
     def job(self, job_id: str) -> JobInfo:
         """As `AsyncClient.job`."""

@@ -10,7 +10,9 @@ fategen through `fategen.client.AsyncClient`, with the bot's API key and the sen
     <fategen> alice: done http://127.0.0.1:8000/job/3f2a9c1e-.../image
 
 ``!cancel [job]`` and ``!status [job]`` take a job id, or its first characters as the bot
-showed them, and default to the sender's latest job; ``!help`` lists the commands.
+showed them, and default to the sender's latest job; so do ``!upscale [job] [N] [overrides]``
+and ``!vary [job] [N] [overrides]`` (image N of it, 1 by default; ``!vary 2 --strength 0.3``),
+queued as ``--upscale``/``--vary`` follow-ups; ``!help`` lists the commands.
 
 The pieces: `IrcConfig` (read once by the command line); `fit` (a reply cut into lines that
 stay within IRC's 512 bytes once the server has put the bot's prefix before them);
@@ -58,7 +60,8 @@ DEFAULT_NICK = "fategen"
 PREFIX = "!"
 HELP = (
     "commands: !img <prompt> [-m model] [-w width] [-h height] [-c count] ... queues an "
-    "image; !cancel [job] and !status [job] (default: your latest job)"
+    "image; !upscale [job] [N] and !vary [job] [N] follow up on image N; !cancel [job] and "
+    "!status [job] (default: your latest job)"
 )
 #: Replies waiting to be sent (they outlive a connection), commands waiting for a worker,
 #: and the workers: a flood of commands beyond that is dropped.
@@ -335,6 +338,8 @@ class _Desk:
     async def _run(self, command: Command) -> None:
         if command.verb == "img":
             await self._img(command)
+        elif command.verb in ("upscale", "vary"):
+            await self._follow_up(command)
         elif command.verb in ("cancel", "status"):
             job_id = self._job_of(command)
             if job_id is None:
@@ -362,11 +367,31 @@ class _Desk:
         matches = [job_id for job_id in self._jobs if job_id.startswith(given)]
         return matches[0] if len(matches) == 1 else given
 
+    async def _follow_up(self, command: Command) -> None:
+        """``!upscale [job] [N] [overrides]`` / ``!vary ...``: a follow-up on image N of a
+        job (the sender's latest by default) as a ``--upscale``/``--vary`` message."""
+        words = command.rest.split()
+        job_id = None
+        if words and not words[0].isdigit() and not words[0].startswith(("-", "\u2014")):
+            given = words.pop(0)
+            matches = [j for j in self._jobs if j.startswith(given)]
+            job_id = matches[0] if len(matches) == 1 else given
+        else:
+            job_id = self._latest.get(command.who)
+        if job_id is None:
+            await self._say(command, f"{command.nick}: you have no job yet (!img <prompt>)")
+            return
+        which = f":{words.pop(0)}" if words and words[0].isdigit() else ""
+        await self._queue(command, " ".join([*words, f"--{command.verb} {job_id}{which}"]))
+
     async def _img(self, command: Command) -> None:
         if not command.rest:
             await self._say(command, f"{command.nick}: {HELP}", lines=2)
             return
-        submitted = await self._client.submit(command.rest, command.nick)
+        await self._queue(command, command.rest)
+
+    async def _queue(self, command: Command, message: str) -> None:
+        submitted = await self._client.submit(message, command.nick)
         job_id = submitted.job_id
         _remember(self._jobs, job_id, command.nick)
         _remember(self._latest, command.who, job_id)
@@ -657,7 +682,7 @@ class IrcBot:
             return None
         verb, _, rest = text[len(PREFIX) :].partition(" ")
         verb = verb.lower()
-        if verb not in ("img", "cancel", "status", "help"):
+        if verb not in ("img", "upscale", "vary", "cancel", "status", "help"):
             return None
         where = target if state.is_channel(target) else nick
         return Command(nick=nick, who=who, target=where, verb=verb, rest=rest.strip())

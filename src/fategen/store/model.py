@@ -210,6 +210,10 @@ def job_payload(job: Job, event: str, base_url: str) -> dict[str, Any]:
             "started": _iso(job.first_started or job.started),
             "finished": _iso(job.finished),
             "backend": job.backend,
+            "kind": request.kind,
+            "input_url": (
+                f"{base_url}/job/{job.id}/input" if request.image is not None and base_url else None
+            ),
         },
     }
 
