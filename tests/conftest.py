@@ -243,3 +243,44 @@ class Receiver:
                 await self.arrived.wait()
         headers, body = self.received[count]
         return headers, json.loads(body)
+
+
+class ImageServer:
+    """Serves ``files`` on 127.0.0.1 and records each request's path and Host header."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.seen: list[tuple[str, str]] = []
+        self.base = ""
+        #: ``held/<name>`` answers once this is set.
+        self.release = trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[ImageServer]:
+        from hypercorn.config import Config
+        from hypercorn.trio import serve
+        from quart import Response, request
+        from quart_trio import QuartTrio
+
+        app = QuartTrio(__name__)
+
+        @app.get("/<path:name>")
+        async def file(name: str) -> Response:
+            self.seen.append((name, request.headers.get("Host", "")))
+            if name.startswith("held/"):
+                await self.release.wait()
+                name = name.removeprefix("held/")
+            if name == "away":
+                return Response("", 302, {"Location": "http://10.1.2.3/cat.png"})
+            data = self.files.get(name)
+            if data is None:
+                return Response("no", 404)
+            return Response(data, 200, content_type="image/png")
+
+        config = Config()
+        config.bind = ["127.0.0.1:0"]
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(functools.partial(serve, app, config))  # type: ignore[arg-type]
+            self.base = binds[0]
+            yield self
+            nursery.cancel_scope.cancel()

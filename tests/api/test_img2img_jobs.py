@@ -5,8 +5,6 @@ unless the operator allows it), a multipart upload, and the follow-ups ``--upsca
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +14,7 @@ import httpx
 import trio
 from PIL import Image, ImageChops, ImageStat
 
-from conftest import open_stack
+from conftest import ImageServer, open_stack
 
 TINY = "-m tiny"
 #: The operator's allowance for the test's image server (a private address otherwise).
@@ -40,42 +38,6 @@ def distance(a: Image.Image, b: Image.Image) -> float:
     return sum(ImageStat.Stat(diff).mean) / 3
 
 
-class ImageServer:
-    """Serves ``files`` on 127.0.0.1 and records each request's path and Host header."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.seen: list[tuple[str, str]] = []
-        self.base = ""
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[ImageServer]:
-        from hypercorn.config import Config
-        from hypercorn.trio import serve
-        from quart import Response, request
-        from quart_trio import QuartTrio
-
-        app = QuartTrio(__name__)
-
-        @app.get("/<path:name>")
-        async def file(name: str) -> Response:
-            self.seen.append((name, request.headers.get("Host", "")))
-            if name == "away":
-                return Response("", 302, {"Location": "http://10.1.2.3/cat.png"})
-            data = self.files.get(name)
-            if data is None:
-                return Response("no", 404)
-            return Response(data, 200, content_type="image/png")
-
-        config = Config()
-        config.bind = ["127.0.0.1:0"]
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(functools.partial(serve, app, config))  # type: ignore[arg-type]
-            self.base = binds[0]
-            yield self
-            nursery.cancel_scope.cancel()
-
-
 async def image_of(client: httpx.AsyncClient, url: str) -> Image.Image:
     r = await client.get(url)
     assert r.status_code == 200, r.text
@@ -94,7 +56,9 @@ async def test_a_job_starts_from_an_image_url(tmp_path: Path) -> None:
         done = await stack.wait(job["job_id"])
         assert done["status"] == "completed", done
         assert done["kind"] == "img2img"
-        assert done["input"]["source"] == url and done["input"]["strength"] == 0.2
+        # The source without its signed query: anyone may read a job.
+        assert done["input"]["source"] == f"{server.base}/cat.png"
+        assert done["input"]["strength"] == 0.2
         # tiny draws 512x512: the image's 4:3 at that pixel count, sides multiples of 64
         assert (done["width"], done["height"]) == (576, 448)
         kept = await image_of(stack.client, done["input"]["url"])
@@ -244,3 +208,130 @@ async def test_follow_ups_need_a_completed_job(tmp_path: Path) -> None:
         assert r.status_code == 400 and "there is no job" in r.json()["error"]
         r = await stack.client.get(f"/job/{running['job_id']}/input")
         assert r.status_code == 404 and "draws from text" in r.json()["error"]
+
+
+async def test_a_chunked_upload_past_the_limit_is_refused(tmp_path: Path) -> None:
+    async with open_stack(tmp_path, FATEGEN_IMAGE_MAX_MIB="1") as stack:
+        boundary = "fategenboundary"
+
+        async def body() -> AsyncIterator[bytes]:
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="message"\r\n\r\n'
+                f"a cat {TINY}\r\n--{boundary}\r\n"
+                'Content-Disposition: form-data; name="nick"\r\n\r\nal\r\n'
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="image"; filename="x.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            )
+            yield head.encode()
+            for _ in range(5 * 16):  # 5 MiB, no Content-Length: chunked
+                yield b"x" * 65536
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        r = await stack.client.post(
+            "/request",
+            content=body(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert r.status_code == 413, r.text
+        assert "at most 1 MiB" in r.json()["error"]
+        assert stack.running.store.count_queued() == 0
+
+
+async def test_fetches_hold_a_place_under_the_caps(tmp_path: Path) -> None:
+    red = png((64, 64), (200, 0, 0))
+    env = {**LOCAL, "FATEGEN_MAX_QUEUE_PER_USER": "2"}
+    async with (
+        ImageServer({"cat.png": red}).running() as server,
+        open_stack(tmp_path, **env) as stack,
+    ):
+        codes: list[int] = []
+        refused = trio.Event()
+
+        async def submit() -> None:
+            r = await stack.client.post(
+                "/request",
+                json={"message": f"a cat --image {server.base}/held/cat.png {TINY}", "nick": "al"},
+            )
+            codes.append(r.status_code)
+            if codes.count(429) == 8:
+                refused.set()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(submit)
+                await refused.wait()  # eight refused while two fetches are held
+                assert codes == [429] * 8
+                assert len(server.seen) <= 2  # only the two with a place fetch
+                server.release.set()
+        assert sorted(codes) == [200] * 2 + [429] * 8
+        assert len(server.seen) == 2
+
+
+async def test_an_idempotency_key_replay_must_send_the_same_image(tmp_path: Path) -> None:
+    red, blue = png((64, 64), (200, 0, 0)), png((64, 64), (0, 0, 200))
+    async with (
+        ImageServer({"red.png": red, "blue.png": blue}).running() as server,
+        open_stack(tmp_path, **LOCAL) as stack,
+    ):
+        key = {"Idempotency-Key": "k1"}
+
+        async def send(**body: object) -> httpx.Response:
+            return await stack.client.post(
+                "/request", json={"message": f"a cat {TINY}", "nick": "al", **body}, headers=key
+            )
+
+        first = await send(image_url=f"{server.base}/red.png")
+        assert first.status_code == 200, first.text
+        again = await send(image_url=f"{server.base}/red.png")
+        assert again.json()["job_id"] == first.json()["job_id"]
+        for other in ({"image_url": f"{server.base}/blue.png"}, {}):
+            r = await send(**other)
+            assert r.status_code == 422 and "used for another image" in r.json()["error"]
+        uploads = []
+        for data in (red, red, blue):
+            uploads.append(
+                await stack.client.post(
+                    "/request",
+                    data={"message": f"a cat {TINY}", "nick": "al"},
+                    files={"image": ("x.png", data, "image/png")},
+                    headers={"Idempotency-Key": "k2"},
+                )
+            )
+        assert [r.status_code for r in uploads] == [200, 200, 422]
+        assert uploads[0].json()["job_id"] == uploads[1].json()["job_id"]
+        both = await stack.client.post(
+            "/request",
+            data={"message": f"a cat {TINY}", "nick": "al", "image_url": f"{server.base}/red.png"},
+            files={"image": ("x.png", red, "image/png")},
+        )
+        assert both.status_code == 400 and "give one input image" in both.json()["error"]
+
+
+async def test_a_job_whose_input_is_gone_fails_without_naming_a_path(tmp_path: Path) -> None:
+    from fategen.simulator import SimulatorKnobs
+
+    knobs = SimulatorKnobs(step_seconds=0.002, model_load_seconds=0.0, hang=1)
+    async with open_stack(tmp_path, knobs) as stack:
+        blocker = await stack.submit(f"a slow cat {TINY}")
+        await stack.sim.wait_running(blocker["job_id"])
+        r = await stack.client.post(
+            "/request",
+            data={"message": f"a cat {TINY}", "nick": "bo"},
+            files={"image": ("x.png", png((64, 64), (1, 2, 3)), "image/png")},
+        )
+        assert r.status_code == 200, r.text
+        job_id = r.json()["job_id"]
+        output = stack.running.service.settings.output_dir
+        # Deleted before it is posted (it waits behind the blocker, unless already ahead).
+        await trio.to_thread.run_sync((output / f"{job_id}-input.png").unlink)
+        await stack.client.delete(f"/job/{blocker['job_id']}", params={"nick": "alice"})
+        done = await stack.wait(job_id)
+        if done["status"] == "failed":
+            assert done["error"] == (
+                "the image this job starts from is no longer kept; submit it again"
+            )
+            assert str(output) not in done["error"]
+        else:  # it was posted ahead of the blocker, with its image, before the delete
+            assert done["status"] == "completed"

@@ -403,3 +403,65 @@ def test_image_template_needs_a_save_node() -> None:
     }
     with pytest.raises(WorkflowError, match="has no node titled 'save'"):
         parse_template("bare", graph)
+
+
+# --- what a review found -------------------------------------------------------------------------
+
+
+def test_one_side_with_an_image_keeps_its_ratio() -> None:
+    request = parse("a cat --image https://x.example/a.png -w 1024", image_size=(600, 1200))
+    assert (request.width, request.height) == (1024, 2048)
+    with pytest.raises(PromptError, match="--height 2048 with this image"):
+        parse("a cat --image https://x.example/a.png -h 2048", image_size=(1200, 600))
+
+
+def test_a_follow_up_of_a_model_no_longer_offered() -> None:
+    fragment = 'the earlier job\'s model "gone" is no longer offered; pick one with -m'
+    assert fragment in error(f"--vary {JOB}:1", base=earlier(model="gone"))
+    assert parse(f"--vary {JOB}:1 -m tiny", base=earlier(model="gone")).model == "tiny"
+
+
+def test_vary_of_an_upscale_fits_the_pixel_limit() -> None:
+    request = parse(f"--vary {JOB}:1", base=earlier(count=1, width=3072, height=2048))
+    assert request.width * request.height <= CONFIG.defaults.max_pixels
+    assert abs(request.width / request.height - 1.5) < 0.1
+    assert "over the limit" in error(f"--vary {JOB}:1 -w 2048 -h 2048", base=earlier())
+
+
+def test_an_upscale_must_be_larger() -> None:
+    assert "must be larger than the image (832x1216)" in error(
+        f"--upscale {JOB}:1 -w 512", base=earlier()
+    )
+    largest = earlier(count=1, width=3072, height=3072)
+    assert "as large as this service upscales to" in error(f"--upscale {JOB}", base=largest)
+
+
+def test_fit_always_ends_within_the_limits() -> None:
+    for size in [(1, 1), (1, 10_000), (10_000, 1), (7, 3), (4096, 4096)]:
+        request = parse("a cat --image https://x.example/a.png", image_size=size)
+        assert request.width * request.height <= CONFIG.defaults.max_pixels
+
+
+def test_min_size_squared_must_fit_max_pixels() -> None:
+    data = {
+        "DEFAULTS": {
+            "width": 1024,
+            "height": 1024,
+            "count": 1,
+            "model": "m",
+            "minSize": 2048,
+            "maxSize": 2048,
+        },
+        "models": {
+            "m": {
+                "checkpointName": "m.safetensors",
+                "workflow": "sdxl",
+                "steps": 4,
+                "imageWidth": 2048,
+                "imageHeight": 2048,
+                "defaultPositivePrompt": "",
+            }
+        },
+    }
+    with pytest.raises(ConfigError, match="minSize x minSize <= maxPixels"):
+        parse_model_config(data)

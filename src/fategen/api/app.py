@@ -13,7 +13,8 @@ from quart import Response, g, request
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from quart_trio.wrappers.request import TrioBody
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from fategen import __version__
 from fategen.api import answers, auth, backends, control, docs, events, health, jobs, models, ui
@@ -57,6 +58,35 @@ class BoundedJSONProvider(JSONProvider):
         return self.inner.response(*args, **kwargs)
 
 
+class CountingBody(TrioBody):
+    """A request body that counts every byte it was given, not only those it holds: Quart's
+    own check sees only what is buffered, and the form parser drains the buffer as it goes,
+    so a chunked upload (no Content-Length) would never be stopped."""
+
+    def __init__(self, expected_content_length: int | None, max_content_length: int | None) -> None:
+        super().__init__(expected_content_length, max_content_length)
+        self._total = 0
+
+    def append(self, data: bytes) -> None:
+        self._total += len(data)
+        limit = self._max_content_length
+        if limit is not None and self._total > limit and self._must_raise is None:
+            self._must_raise = RequestEntityTooLarge()
+            self.set_complete()
+            return
+        super().append(data)
+
+    async def __anext__(self) -> bytes:
+        # Past the limit the body is complete and empty: a reader must not take the cut-off
+        # data for the whole body.
+        try:
+            return await super().__anext__()
+        except StopAsyncIteration:
+            if self._must_raise is not None:
+                raise self._must_raise from None
+            raise
+
+
 class LenientRequest(TrioRequest):
     """A request whose body is read as JSON also without ``Content-Type: application/json``
     (curl's ``-d`` sends ``application/x-www-form-urlencoded``): if it parses, it is taken;
@@ -70,6 +100,7 @@ class LenientRequest(TrioRequest):
 
     #: The largest multipart submission (``POST /request`` with an image): set per app.
     upload_limit: int = MAX_BODY
+    body_class = CountingBody
 
     def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(method, scheme, path, *args, **kwargs)

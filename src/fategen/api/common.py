@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,8 +130,13 @@ def _input_info(view: JobView) -> InputInfo | None:
     if image is None:
         return None
     earlier = image.earlier
+    source = image.source
+    if earlier is not None:
+        source = "job"
+    elif source != "upload":  # a signed attachment URL: not its query, nor its fragment
+        source = urllib.parse.urlsplit(source)._replace(query="", fragment="").geturl()
     return InputInfo(
-        source="job" if earlier is not None else image.source,
+        source=source,
         strength=image.strength,
         url=f"{base_url()}/job/{view.id}/input",
         job_id=None if earlier is None else earlier[0],

@@ -7,12 +7,14 @@ never hands out anything mutable: readers get `JobView` snapshots.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import hashlib
 import logging
 import random
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +42,29 @@ log = logging.getLogger("fategen.jobs")
 MAX_NICK = 64
 MAX_MESSAGE = 4000
 MAX_IDEMPOTENCY_KEY = 200
+#: Input images fetched at once; more submissions with a URL are refused (503) meanwhile.
+MAX_FETCHES = 8
+#: Seconds a clean-up (deleting an input image of a job not added) may take when cancelled.
+_CLEANUP_SECONDS = 5
+
+
+def _digest(data: bytes) -> str:
+    """The SHA-256 of an uploaded image (blocking: up to the upload limit)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _same_image(earlier: Job, message: str, attached: str | None, digest: str | None) -> bool:
+    """Whether a submission replaying ``earlier`` (same Idempotency-Key, same message) also
+    sends the same image: the same upload (by digest) or ``image_url``, or none beside the
+    message."""
+    image = earlier.request.image
+    if attached == "upload":
+        return image is not None and image.source == "upload" and image.digest == digest
+    if attached is not None:
+        return image is not None and image.source == attached
+    if image is None or image.earlier is not None:
+        return True
+    return image.source != "upload" and image.source in message  # its --image
 
 
 class Refused(FategenError):
@@ -126,6 +151,8 @@ class Frontdesk:
     image_fetcher: Callable[[str], Awaitable[bytes]] | None = None
     output_dir: Path | None = None
     image_max_pixels: int = 40_000_000
+    #: Image fetches under way (`MAX_FETCHES` at most).
+    _fetches: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_FETCHES), init=False)
     #: Decoding and re-encoding input images (Pillow, in threads): two at a time.
     _image_limiter: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(2), init=False
@@ -226,11 +253,16 @@ class Frontdesk:
         request: GenerationRequest,
         upload: bytes | None,
         attached: str | None,
+        digest: str | None = None,
+        earlier_job: Job | None = None,
     ) -> GenerationRequest:
         """Fetch (or read) the image the job starts from, check and re-encode it (Pillow, in a
         thread) and keep it as the job's input (`input_path`), before the job is added. A URL
         is fetched now: chat attachment URLs expire. For an img2img without a size, the
         request is parsed again with the image's size (it keeps the image's ratio).
+
+        At most `MAX_FETCHES` fetches run at once; past that a submission is refused (503,
+        ``Retry-After``) rather than queued, so a flood holds no memory.
 
         Raises:
             Refused: the image cannot be had or used (422), one sentence.
@@ -240,7 +272,7 @@ class Frontdesk:
         try:
             earlier = image.earlier
             if earlier is not None:
-                data = await self._earlier_image(*earlier)
+                data = await self._earlier_image(earlier_job, *earlier)
             elif image.source == "upload":
                 if upload is None:
                     raise Refused("the image was to be attached, but the request has none")
@@ -248,7 +280,18 @@ class Frontdesk:
             else:
                 if self.image_fetcher is None:
                     raise Refused("this service does not fetch images from URLs")
-                data = await self.image_fetcher(image.source)
+                try:
+                    self._fetches.acquire_nowait()
+                except trio.WouldBlock:
+                    raise Refused(
+                        "the service is fetching many images now; try again in a few seconds",
+                        503,
+                        retry_after=5,
+                    ) from None
+                try:
+                    data = await self.image_fetcher(image.source)
+                finally:
+                    self._fetches.release()
             size = await trio.to_thread.run_sync(
                 functools.partial(inputimage.probe, data, max_pixels=self.image_max_pixels),
                 limiter=self._image_limiter,
@@ -265,6 +308,8 @@ class Frontdesk:
                 limiter=self._image_limiter,
             )
             await trio.to_thread.run_sync(write_atomic, input_path(self.output_dir, job_id), png)
+            if digest is not None and request.image is not None:
+                request = attrs.evolve(request, image=attrs.evolve(request.image, digest=digest))
         except InputImageError as exc:
             raise Refused(str(exc), 422) from None
         except ImageError as exc:  # the disk
@@ -272,10 +317,11 @@ class Frontdesk:
             raise Refused("the service cannot keep the image now; try again later", 503) from None
         return request
 
-    async def _earlier_image(self, job_id: str, n: int) -> bytes:
+    async def _earlier_image(self, job: Job | None, job_id: str, n: int) -> bytes:
         """Image ``n`` of a completed job, as its file (read in a thread)."""
         assert self.output_dir is not None
-        job = await self.store.get(job_id)
+        if job is None or job.id != job_id:
+            job = await self.store.get(job_id)
         count = job.request.count if job is not None else 1
         path = (
             result_path(self.output_dir, job_id)
@@ -342,24 +388,28 @@ class Frontdesk:
             idempotency_key = idempotency_key.strip()
             if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
                 raise Refused(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        attached = "upload" if upload is not None else (image_url or "").strip() or None
-        request, _ = await self._understand(message, attached)
-        hook = await self._webhook(webhook_url, key_name)
+        image_url = (image_url or "").strip() or None
+        if upload is not None and image_url is not None:
+            raise Refused("give one input image: an upload or image_url, not both")
+        attached = "upload" if upload is not None else image_url
+        digest = None if upload is None else await trio.to_thread.run_sync(_digest, upload)
         accept = functools.partial(
             self._accept,
             nick,
             message,
-            request,
             key_name=key_name,
-            webhook_url=hook,
+            webhook_url=webhook_url,
             webhook_started=webhook_started,
             previews=previews,
             upload=upload,
             attached=attached,
+            digest=digest,
         )
         if idempotency_key is None:
             job = await accept(None)
         else:
+            # A replay is looked up first: it answers even if the message would no longer be
+            # taken (the job it follows up on was pruned, a model went away).
             async with self._key_locks.hold((user_of(key_name, nick), idempotency_key)):
                 earlier = await self.store.by_idempotency_key(
                     nick, idempotency_key, key_name=key_name
@@ -368,19 +418,27 @@ class Frontdesk:
                     await self.store.forget_idempotency_key(earlier)
                 elif earlier is not None:
                     if earlier.message != message:
+                        other = "another message"
+                    elif not _same_image(earlier, message, attached, digest):
+                        other = "another image"
+                    else:
+                        other = None
+                    if other is not None:
                         raise Refused(
                             f"the Idempotency-Key {idempotency_key[:64]!r} was used for "
-                            "another message; send a new key with a new request",
+                            f"{other}; send a new key with a new request",
                             422,
                         )
                     return self.store.view_of(earlier), True
                 job = await accept(idempotency_key)
         self.scheduler.wake()
         view = self.store.view_of(job)
+        request = job.request
         log.info(
-            "job %s accepted from %s: %s, %dx%d, %d image(s), seed %d, queue position %s",
+            "job %s accepted from %s: %s %s, %dx%d, %d image(s), seed %d, queue position %s",
             job.id,
             nick,
+            request.kind,
             request.model,
             request.width,
             request.height,
@@ -395,7 +453,6 @@ class Frontdesk:
         self,
         nick: str,
         message: str,
-        request: GenerationRequest,
         idempotency_key: str | None,
         *,
         key_name: str | None,
@@ -404,30 +461,55 @@ class Frontdesk:
         previews: bool,
         upload: bytes | None,
         attached: str | None,
+        digest: str | None,
     ) -> Job:
-        """`_add`, with the job's input image taken first (after a cheap look at the caps, so
-        a full queue costs no fetch); the image is deleted again if the job is not added."""
-        job_id = Job.new_id()
-        if request.image is not None:
-            self._check_caps(user_of(key_name, nick), nick)
-            request = await self._take_image(job_id, message, request, upload, attached)
-        try:
+        """Understand the message, check its webhook, and add the job. A job that starts from
+        an image holds its place under the caps from before the image is taken (so a full
+        queue costs no fetch, and many at once cannot all fetch), and its image is deleted
+        again if the job is not added."""
+        request, earlier = await self._understand(message, attached)
+        hook = await self._webhook(webhook_url, key_name)
+        if request.image is None:
             return await self._add(
-                nick,
-                message,
-                request,
-                idempotency_key,
-                key_name,
-                webhook_url,
-                webhook_started,
-                previews,
-                job_id=job_id,
+                nick, message, request, idempotency_key, key_name, hook, webhook_started, previews
             )
-        except BaseException:
-            if request.image is not None:
-                with trio.CancelScope(shield=True):
+        job_id = Job.new_id()
+        with self._reserved(user_of(key_name, nick), nick):
+            try:
+                request = await self._take_image(
+                    job_id, message, request, upload, attached, digest, earlier
+                )
+                return await self._add(
+                    nick,
+                    message,
+                    request,
+                    idempotency_key,
+                    key_name,
+                    hook,
+                    webhook_started,
+                    previews,
+                    job_id=job_id,
+                    reserved=True,
+                )
+            except BaseException:
+                with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
                     await self._forget_image(job_id)
-            raise
+                raise
+
+    @contextlib.contextmanager
+    def _reserved(self, user: str, nick: str) -> Iterator[None]:
+        """Check the caps and hold a place under them (the job counts as queued) until the
+        block ends; the check and the reservation happen at once (no checkpoint between)."""
+        self._check_caps(user, nick)
+        self._adding_total += 1
+        self._adding[user] += 1
+        try:
+            yield
+        finally:
+            self._adding_total -= 1
+            self._adding[user] -= 1
+            if not self._adding[user]:
+                del self._adding[user]
 
     def _check_caps(self, user: str, nick: str) -> None:
         """Refuse (429) when the queue, or the user's share of it, is full."""
@@ -459,6 +541,7 @@ class Frontdesk:
         *,
         retry_of: str | None = None,
         job_id: str | None = None,
+        reserved: bool = False,
     ) -> Job:
         """Check the caps and add the job; on disk when this returns. The check and the
         reservation happen at once (no checkpoint between), and jobs on their way to the
@@ -470,7 +553,6 @@ class Frontdesk:
             Refused: a queue cap (429).
         """
         user = user_of(key_name, nick)
-        self._check_caps(user, nick)
         job = Job(
             id=job_id or Job.new_id(),
             nick=nick,
@@ -483,15 +565,11 @@ class Frontdesk:
             previews=previews,
             retry_of=retry_of,
         )
-        self._adding_total += 1
-        self._adding[user] += 1
-        try:
+        if reserved:  # the caller holds its place
             await self.store.add(job)
-        finally:
-            self._adding_total -= 1
-            self._adding[user] -= 1
-            if not self._adding[user]:
-                del self._adding[user]
+        else:
+            with self._reserved(user, nick):
+                await self.store.add(job)
         return job
 
     async def _webhook(self, url: str | None, key_name: str | None) -> str | None:
@@ -632,6 +710,7 @@ class Frontdesk:
             )
         job_id = Job.new_id()
         if old.request.image is not None:
+            self._check_caps(old.user, old.nick)  # before the copy
             await self._copy_image(old.id, job_id)
         try:
             job = await self._add(
@@ -648,7 +727,7 @@ class Frontdesk:
             )
         except BaseException:
             if old.request.image is not None:
-                with trio.CancelScope(shield=True):
+                with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
                     await self._forget_image(job_id)
             raise
         self.scheduler.wake()

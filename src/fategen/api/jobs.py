@@ -65,6 +65,11 @@ async def _submission() -> tuple[SubmitRequest, bytes | None]:
     preference = current_app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"]
     if request.mimetype != "multipart/form-data":
         body = await request.get_json()
+        if body is None:
+            raise Refused(
+                'send JSON ({"message": "...", "nick": "..."}) or multipart/form-data with '
+                "the same fields and the image as the file field image"
+            )
         return model_load(
             body,
             SubmitRequest,

@@ -341,6 +341,8 @@ def _check_defaults(defaults: Defaults, raw_models: Mapping[str, Any]) -> list[s
             f"DEFAULTS.upscaleFactor: must be more than 1 and at most {MAX_UPSCALE_FACTOR:g}, "
             f"got {defaults.upscale_factor:g}"
         )
+    if defaults.min_size * defaults.min_size > defaults.max_pixels:
+        problems.append("DEFAULTS.minSize/maxPixels: need minSize x minSize <= maxPixels")
     if defaults.max_upscale_pixels < defaults.max_pixels:
         problems.append("DEFAULTS.maxUpscalePixels: must be at least maxPixels")
     if not defaults.upscale_model:

@@ -76,6 +76,9 @@ class ImageInput:
     source: str
     #: How much the sampler changes it: ComfyUI's denoise, more than 0 and at most 1.
     strength: float
+    #: The SHA-256 of an upload as it was sent (an Idempotency-Key replay must send the
+    #: same); '' otherwise.
+    digest: str = ""
 
     @property
     def earlier(self) -> tuple[str, int] | None:
@@ -380,6 +383,15 @@ def _size(
             _check_derived("height", height, f"--ar {raw}", config)
     elif ratio_of is not None and width is None and height is None:
         width, height = _fit(ratio_of, default[0] * default[1], config)
+    elif ratio_of is not None and (width is None) != (height is None):
+        # One side given: the other keeps the image's ratio.
+        ratio = Fraction(ratio_of[0], ratio_of[1])
+        if width is not None:
+            height = _round_to(width / ratio, 8)
+            _check_derived("height", height, f"--width {width} with this image", config)
+        elif height is not None:
+            width = _round_to(height * ratio, 8)
+            _check_derived("width", width, f"--height {height} with this image", config)
     width = default[0] if width is None else width
     height = default[1] if height is None else height
     limit = config.defaults.max_pixels
@@ -393,15 +405,19 @@ def _size(
 
 
 def _fit(image: tuple[int, int], pixels: int, config: ModelConfig) -> tuple[int, int]:
-    """An input image's aspect ratio at ``pixels``, sides multiples of 64 within the limits
-    (a very long or tall image is cropped a little more: the sides are clamped)."""
+    """An input image's aspect ratio at ``pixels`` (at most ``maxPixels``), sides multiples
+    of 64 within the limits (a very long or tall image is cropped a little more: the sides
+    are clamped), never more than ``maxPixels``."""
     limits = config.defaults
+    pixels = min(pixels, limits.max_pixels)
     ratio = Fraction(image[0], image[1])
     low, high = -(-limits.min_size // 8) * 8, limits.max_size // 8 * 8
     width = min(high, max(low, _round_to(math.sqrt(pixels * ratio), 64)))
     height = min(high, max(low, _round_to(math.sqrt(pixels / ratio), 64)))
-    while width * height > limits.max_pixels:  # rounding up may pass the limit
-        width, height = max(low, width - 64), max(low, height - 64)
+    if width * height > limits.max_pixels:  # rounding up passed the limit: scale down
+        scale = math.sqrt(limits.max_pixels / (width * height))
+        width = max(8, int(width * scale) // 8 * 8)
+        height = max(8, int(height * scale) // 8 * 8)
     return width, height
 
 
@@ -475,7 +491,16 @@ def _upscale_size(
         if width * height > limit:  # as large as allowed, in the image's ratio
             height = math.sqrt(limit / ratio)
             width = height * ratio
-        return max(8, int(width) // 8 * 8), max(8, int(height) // 8 * 8)
+        if max(width, height) > MAX_UPSCALE_SIDE:
+            shrink = MAX_UPSCALE_SIDE / max(width, height)
+            width, height = width * shrink, height * shrink
+        width, height = max(8, int(width) // 8 * 8), max(8, int(height) // 8 * 8)
+        if width <= source[0] and height <= source[1]:
+            raise PromptError(
+                f"the image is {source[0]}x{source[1]} already, as large as this service "
+                "upscales to"
+            )
+        return width, height
     width = sides.get("width") or _round_to(sides["height"] * ratio, 8)
     height = sides.get("height") or _round_to(width / ratio, 8)
     if width * height > limit or max(width, height) > MAX_UPSCALE_SIDE:
@@ -483,6 +508,11 @@ def _upscale_size(
         raise PromptError(
             f"an upscale to {width}x{height} is {width * height} pixels, over the limit of "
             f"{limit} (about {side}x{side})"
+        )
+    if width <= source[0] and height <= source[1]:
+        raise PromptError(
+            f"an upscale must be larger than the image ({source[0]}x{source[1]}), "
+            f"got {width}x{height}"
         )
     return width, height
 
@@ -546,8 +576,15 @@ def parse_request(
         )
     if "model" in values:
         model = _resolve_model(values["model"][1], config)
+    elif base is not None:
+        model = base.model
+        if model not in config.models:
+            ids = ", ".join(sorted(config.models))
+            raise PromptError(
+                f'the earlier job\'s model "{model}" is no longer offered; pick one with -m ({ids})'
+            )
     else:
-        model = base.model if base is not None else defaults.model
+        model = defaults.model
     spec = config.models[model]
     image: ImageInput | None = None
     upscale = follow is not None and follow.kind == "upscale"
@@ -584,7 +621,10 @@ def parse_request(
         assert base is not None
         width, height = _upscale_size(values, image_size or (base.width, base.height), config)
     elif base is not None:
-        width, height = _size(values, (base.width, base.height), config)
+        default = (base.width, base.height)
+        if base.width * base.height > defaults.max_pixels:  # an upscale's result, say
+            default = _fit(default, defaults.max_pixels, config)
+        width, height = _size(values, default, config)
     else:
         ratio_of = image_size if image is not None else None
         width, height = _size(

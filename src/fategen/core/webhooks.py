@@ -65,6 +65,24 @@ def url_refusal(url: str, *, what: str = "the webhook URL") -> str | None:
     return None
 
 
+#: IPv6 prefixes that carry an IPv4 address a gateway turns them into: NAT64's well-known
+#: prefix (RFC 6052) and 6to4 (RFC 3056). Such an address is judged by its IPv4 address.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_6TO4 = ipaddress.IPv6Network("2002::/16")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside an IPv4-mapped, IPv4-compatible, NAT64 or 6to4 address."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    packed = int(address)
+    if address in _NAT64 or (packed >> 32 == 0 and packed > 1):  # NAT64, ::a.b.c.d
+        return ipaddress.IPv4Address(packed & 0xFFFFFFFF)
+    return None
+
+
 def address_refusal(
     host: str,
     addresses: Iterable[str],
@@ -84,8 +102,8 @@ def address_refusal(
     for text in addresses:
         found = True
         address = ipaddress.ip_address(text.split("%", 1)[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        if isinstance(address, ipaddress.IPv6Address):
+            address = _embedded_ipv4(address) or address
         if any(address in network for network in allowed):
             continue
         if (

@@ -39,6 +39,10 @@ from fategen.store.retention import input_path
 log = logging.getLogger("fategen.worker")
 
 
+class UploadLost(ComfyUnavailable):
+    """The job's input image could not be uploaded: ComfyUI went away, or was too slow."""
+
+
 def _read_input(path: Path) -> tuple[str, bytes]:
     """A job's input image and its upload name, ``fategen-<hash>.png`` (blocking)."""
     data = path.read_bytes()
@@ -290,7 +294,9 @@ class ComfyWorker:
                 try:
                     posted = await self._submit(job)
                 except ComfyUnavailable as exc:
-                    requeued = await self._lose(job, str(exc), ran=False)
+                    # A failed upload counts: a backend that cannot take the image (a slow
+                    # link) must not get the job back for ever.
+                    requeued = await self._lose(job, str(exc), ran=isinstance(exc, UploadLost))
                     self._release(job, lost=requeued)
                     continue
                 if not posted:
@@ -317,17 +323,13 @@ class ComfyWorker:
         if job.status.finished or job.id in self._cancels:  # cancelled after its dispatch
             return False
         spec = self.config.models[job.model]
-        image: tuple[str, bytes] | None = None
         try:
-            if job.request.image is not None:
-                image = await self._input_image(job)
             template = template_for(self.config, self.templates, job.request)
             workflow = build_workflow(
                 template,
                 spec,
                 job.request,
                 filename_prefix="fategen",
-                image_name=None if image is None else image[0],
                 upscale_model=self.config.defaults.upscale_model,
             )
         except FategenError as exc:
@@ -356,25 +358,26 @@ class ComfyWorker:
             if state in ("queued", "running", "done"):
                 log.info("job %s is %s on ComfyUI; following it", job.id, state)
                 return True
-        if image is not None:
+        if job.request.image is not None:
             # Into ComfyUI's input folder, under a name of its content (uploading it again,
-            # after a loss or on another backend, is harmless).
+            # after a loss or on another backend, is harmless); read only now, when it is
+            # needed (a job ComfyUI already has was followed above).
             try:
-                stored = await self.session.upload_image(*image)
-            except ComfyUnavailable:
-                raise  # the caller queues it again
+                name, data = await self._input_image(job)
+                stored = await self.session.upload_image(name, data)
+            except ComfyUnavailable as exc:
+                raise UploadLost(str(exc)) from exc  # queued again, and counted as a loss
             except FategenError as exc:
                 await self._fail(job, str(exc))
                 return False
-            if stored != image[0]:
-                workflow = build_workflow(
-                    template,
-                    spec,
-                    job.request,
-                    filename_prefix="fategen",
-                    image_name=stored,
-                    upscale_model=self.config.defaults.upscale_model,
-                )
+            workflow = build_workflow(
+                template,
+                spec,
+                job.request,
+                filename_prefix="fategen",
+                image_name=stored,
+                upscale_model=self.config.defaults.upscale_model,
+            )
             if job.ended() or job.id in self._cancels:
                 return False
         # On disk before the post: after a crash, the job is looked up in ComfyUI (and goes
@@ -411,9 +414,10 @@ class ComfyWorker:
         path = input_path(self.output_dir, job.id)
         try:
             return await trio.to_thread.run_sync(_read_input, path)
-        except OSError:
+        except OSError as exc:
+            log.error("job %s: cannot read its input image %s: %s", job.id, path, exc.strerror)
             raise InputImageError(
-                f"the image job {job.id} starts from is gone from {path.parent}"
+                "the image this job starts from is no longer kept; submit it again"
             ) from None
 
     async def _comfy_state(self, job: Job) -> str | None:

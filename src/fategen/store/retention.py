@@ -14,6 +14,7 @@ whose ``finished`` time is old enough.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ import trio
 from fategen.store.jobs import JobStore, result_path
 
 log = logging.getLogger("fategen.retention")
+
+_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 #: Jobs deleted per transaction (and image files per thread call).
 BATCH = 500
@@ -47,8 +50,8 @@ def remove_orphan_inputs(output_dir: Path, has: Callable[[str], bool]) -> int:
     removed = 0
     for path in output_dir.glob("*-input.png"):
         job_id = path.name.removesuffix("-input.png")
-        if has(job_id):
-            continue
+        if not _JOB_ID.fullmatch(job_id) or has(job_id):
+            continue  # another file of the operator's, or a job's
         try:
             path.unlink()
             removed += 1
