@@ -77,6 +77,28 @@ async def test_submit_prints_the_queue_position(
     assert (await stack.wait(job_id))["nick"] == "neo"
 
 
+async def test_submit_an_image_file_then_upscale_it(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "sketch.png"
+    await trio.to_thread.run_sync(
+        lambda: Image.new("RGB", (256, 256), (90, 90, 200)).save(source, "PNG")
+    )
+    with trio.fail_after(30):
+        code = await fategen(
+            "submit", "a castle -m tiny", "--image-file", str(source), "--url", stack.url
+        )
+        assert code == 0, capsys.readouterr().err
+        job_id = capsys.readouterr().out.split()[1]
+        assert (await stack.wait(job_id))["kind"] == "img2img"
+        code = await fategen("submit", f"--upscale {job_id}", "--url", stack.url, "--wait")
+        assert code == 0, capsys.readouterr().err
+        assert "1 image of 1024x1024" in capsys.readouterr().out
+        missing = str(tmp_path / "nope.png")
+        assert await fategen("submit", "a castle", "--image-file", missing, "--url", stack.url) == 1
+        assert "cannot read" in capsys.readouterr().err
+
+
 async def test_a_refusal_is_one_sentence_on_stderr_and_exit_1(stack: Stack) -> None:
     with trio.fail_after(30):
         result = await process("submit", "a cat --steps 30", "--url", stack.url)

@@ -225,6 +225,12 @@ def _add_client_commands(sub: Any) -> None:
         metavar="KEY",
         help="a retry with the same key gets the same job back instead of a second one",
     )
+    submit.add_argument(
+        "--image-file",
+        type=Path,
+        metavar="FILE",
+        help="start from this image (uploaded; for a URL, put --image URL in the line)",
+    )
     status = sub.add_parser("status", parents=[common], help="show a job's state")
     status.add_argument("job_id", metavar="ID")
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a job")
@@ -528,7 +534,16 @@ async def _follow(client: AsyncClient, job_id: str, view: _ProgressView) -> JobI
 
 
 async def _submit_command(client: AsyncClient, args: argparse.Namespace) -> int:
-    submitted = await client.submit(args.message, args.nick, idempotency_key=args.idempotency_key)
+    image = None
+    if args.image_file is not None:
+        try:
+            image = await trio.Path(args.image_file).read_bytes()
+        except OSError as exc:
+            print(f"fategen: cannot read {args.image_file}: {exc.strerror}", file=sys.stderr)
+            return 1
+    submitted = await client.submit(
+        args.message, args.nick, idempotency_key=args.idempotency_key, image=image
+    )
     if not (args.wait or args.output):
         if args.json:
             _print_json(submitted.raw)

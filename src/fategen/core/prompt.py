@@ -171,7 +171,7 @@ FLAGS: tuple[Flag, ...] = (
         repeatable=True,
     ),
     Flag("image", "i", "URL", "start from this image (an http or https URL)", "https://…/cat.png"),
-    Flag("strength", None, "0..1", "how much the input image changes (default 0.6)", "0.6"),
+    Flag("strength", None, "0..1", "how much the input image changes (ComfyUI's denoise)", "0.6"),
     Flag("upscale", "u", "JOB:N", "upscale image N of an earlier job", "<job id>:2"),
     Flag("vary", "v", "JOB:N", "more like image N of an earlier job", "<job id>:2"),
 )
