@@ -247,3 +247,24 @@ def test_a_fleet_pick_after_a_replay_does_not_read_an_emptied_list() -> None:
     pick(1, 5)
     pick(0, 6)
     assert len(queue) == 0
+
+
+def test_a_kept_replay_must_have_passed_over_what_the_pick_did() -> None:
+    """Found by the property test above: a backend that cannot run b's Z picks a2, which the
+    replay also put first, but by passing over b4; the real pick passed over nobody, so b4
+    still has its pass and a3 goes before it. Keeping the replay made b4 first."""
+    twin = Twin(FairPolicy(max_passes=1, max_delay=120.0))
+    for _ in range(3):
+        twin.add("a", "X")
+    loaded: str | None = None
+    for added in (None, "b"):
+        if added:
+            twin.add(added, "Z")
+        twin.check()  # positions: a replay is made, and kept if it holds
+        job = twin.queue.pick_for(twin.now, loaded=loaded, can_run=lambda j: j.model in "XY")
+        assert isinstance(job, J)
+        loaded = job.model
+        twin.waiting.remove(job)
+        twin.picked.append(job)
+    twin.check()
+    assert [j.id for j in twin.queue.order(twin.now)] == ["a3", "b4"]

@@ -67,6 +67,9 @@ class _Replay:
         #: The order so far, and each job's place in it (1-based).
         self.order: list[Queued] = []
         self.places: dict[str, int] = {}
+        #: The ids of the jobs each step of `order` passed over (what a real pick of that
+        #: job must pass over too for the rest of the order to hold).
+        self.passed_at: list[frozenset[str]] = []
 
     def _turns(self) -> Iterator[Queued]:
         for turn in itertools.count():
@@ -86,11 +89,13 @@ class _Replay:
         prefer = loaded if loaded is not None and self._remaining[loaded] else None
         user, queue = next(iter(self._users.items()))
         job = queue[0]
+        passed: frozenset[str] = frozenset()
         if prefer is None or policy.checkpoint_of(job) == prefer:
             pass  # the fair head runs: no scan (`FairPolicy._choose`'s first case)
         else:
             job, skipped = policy._choose(self._turns(), prefer, self._passed, self._now)
             policy._pass_over(skipped, self._passed, self._now)
+            passed = frozenset(j.id for j in skipped)
             user = policy.user_of(job)
             queue = self._users[user]
         self._passed.pop(job.id, None)
@@ -105,6 +110,7 @@ class _Replay:
         self._remaining[self._loaded] -= 1
         self.order.append(job)
         self.places[job.id] = len(self.order)
+        self.passed_at.append(passed)
         return True
 
     def place(self, job_id: str) -> int | None:
@@ -313,8 +319,14 @@ class FairQueue:
         policy.served(job, skipped, now)
         del self._jobs[job.id]
         self._remove(job)
-        if expected is not None and expected is job:
-            # The replay made this very pick first: the rest of its order still holds.
+        if (
+            predicted is not None
+            and expected is job
+            and predicted.passed_at[self._shift] == frozenset(j.id for j in skipped)
+        ):
+            # The replay made this very pick first, passing over the same jobs (a backend
+            # that cannot run some, or leaves them to another, passes over fewer): the rest
+            # of its order still holds.
             self._shift += 1
             self._replay_until = policy.expiry()
         else:

@@ -369,12 +369,8 @@ def _size(
             raise PromptError(
                 "--ar cannot be combined with both --width and --height; drop one of them"
             )
-        if width is not None:
-            height = _round_to(width / ratio, 8)
-            _check_derived("height", height, f"--width {width} with --ar {raw}", config)
-        elif height is not None:
-            width = _round_to(height * ratio, 8)
-            _check_derived("width", width, f"--height {height} with --ar {raw}", config)
+        if width is not None or height is not None:
+            width, height = _other_side(width, height, ratio, f"--ar {raw}", config)
         else:
             pixels = default[0] * default[1]
             width = _round_to(math.sqrt(pixels * ratio), 64)
@@ -386,12 +382,7 @@ def _size(
     elif ratio_of is not None and (width is None) != (height is None):
         # One side given: the other keeps the image's ratio.
         ratio = Fraction(ratio_of[0], ratio_of[1])
-        if width is not None:
-            height = _round_to(width / ratio, 8)
-            _check_derived("height", height, f"--width {width} with this image", config)
-        elif height is not None:
-            width = _round_to(height * ratio, 8)
-            _check_derived("width", width, f"--height {height} with this image", config)
+        width, height = _other_side(width, height, ratio, "this image", config)
     width = default[0] if width is None else width
     height = default[1] if height is None else height
     limit = config.defaults.max_pixels
@@ -401,6 +392,20 @@ def _size(
             f"{width}x{height} is {width * height} pixels, over the limit of {limit} "
             f"(about {side}x{side}); make the image smaller"
         )
+    return width, height
+
+
+def _other_side(
+    width: int | None, height: int | None, ratio: Fraction, source: str, config: ModelConfig
+) -> tuple[int, int]:
+    """The side not given, from the one given and `ratio` (rounded to a multiple of 8)."""
+    if width is not None:
+        height = _round_to(width / ratio, 8)
+        _check_derived("height", height, f"--width {width} with {source}", config)
+        return width, height
+    assert height is not None
+    width = _round_to(height * ratio, 8)
+    _check_derived("width", width, f"--height {height} with {source}", config)
     return width, height
 
 
