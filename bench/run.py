@@ -39,9 +39,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH, machine_facts, raise_fd_limit
-from scenarios import fleet, frontend, longpoll, postprocess, swaps, throughput
+from scenarios import fleet, frontend, inputs, longpoll, postprocess, swaps, throughput
 
-SCENARIOS = ("throughput", "swaps", "frontend", "longpoll", "postprocess", "fleet")
+SCENARIOS = ("throughput", "swaps", "frontend", "longpoll", "postprocess", "fleet", "inputs")
 #: A scenario that fails with one of these (a connection reset, a process gone) runs again once.
 RETRYABLE = (OSError, EOFError, httpx.TransportError, trio.BrokenResourceError)
 #: Seconds one attempt at a scenario may take before it is stopped and reported failed.
@@ -63,6 +63,8 @@ async def run_one(name: str, workdir: Path, *, quick: bool, profile: Path | None
         return await postprocess.run(workdir, quick=quick)
     if name == "fleet":
         return await fleet.run(workdir, quick=quick)
+    if name == "inputs":
+        return await inputs.run(workdir, quick=quick)
     raise ValueError(name)
 
 
