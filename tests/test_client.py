@@ -120,6 +120,8 @@ async def test_an_uploaded_image_and_its_follow_ups(stack: Stack) -> None:
             assert abs(job.width / job.height - 2) < 0.2  # the upload's 2:1, about
             up = await client.wait((await client.upscale(job.job_id, 1, "dee")).job_id)
             assert up.kind == "upscale" and up.input is not None and up.input.image == 1
+            tiny = next(m for m in await client.models() if m.id == "tiny")
+            assert tiny.kinds == ("txt2img", "img2img", "upscale")
             assert (up.width, up.height) == (2 * job.width, 2 * job.height)
 
     def blocking() -> JobInfo:

@@ -189,6 +189,8 @@ class ModelInfo:
     #: Whether ComfyUI can run it now (None: ComfyUI not reached yet), and why not.
     available: bool | None = None
     unavailable_reason: str | None = None
+    #: The kinds of job it takes: txt2img, img2img, upscale.
+    kinds: tuple[str, ...] = ("txt2img",)
     #: The answer as the service sent it, with any field this client does not know.
     raw: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False, kw_only=True)
 

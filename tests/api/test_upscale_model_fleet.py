@@ -107,3 +107,5 @@ async def test_a_model_upscale_no_backend_can_run_is_refused(tmp_path: Path) -> 
         error = r.json()["error"]
         assert 'has no upscale model "2x-ESRGAN.pth"' in error and "\n" not in error
         assert running.service.store.count_queued() == 0
+        tiny = next(m for m in (await client.get("/models")).json()["models"] if m["id"] == "tiny")
+        assert tiny["kinds"] == ["txt2img", "img2img"]  # no upscale anywhere

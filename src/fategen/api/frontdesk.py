@@ -224,6 +224,20 @@ class Frontdesk:
                 raise Refused(f'model "{request.model}" cannot {what} now: {refusal}')
         return request
 
+    def kinds(self, model_id: str) -> list[str]:
+        """The kinds of job the model takes here (``txt2img``, ``img2img``, ``upscale``): it
+        has the workflow, and, once the backends were checked, one of them can run it."""
+        kinds = ["txt2img"]
+        for kind in ("img2img", "upscale"):
+            if self.output_dir is None:
+                break
+            if self.config.workflow_for(model_id, kind) not in self.templates:
+                continue
+            if self.fleet is not None and self.fleet.kind_refusal(model_id, kind) is not None:
+                continue
+            kinds.append(kind)
+        return kinds
+
     async def _understand(
         self, message: str, attached: str | None
     ) -> tuple[GenerationRequest, Job | None]:

@@ -35,6 +35,7 @@ async def models() -> tuple[ModelsResponse, int]:
                         else desk.availability.reason(model_id) is None
                     ),
                     unavailable_reason=desk.availability.reason(model_id),
+                    kinds=desk.kinds(model_id),
                 )
                 for model_id, spec in cfg.models.items()
             ],
@@ -47,6 +48,10 @@ async def models() -> tuple[ModelsResponse, int]:
                 min_size=d.min_size,
                 max_size=d.max_size,
                 max_pixels=d.max_pixels,
+                img2img_strength=d.img2img_strength,
+                vary_strength=d.vary_strength,
+                upscale_factor=d.upscale_factor,
+                max_upscale_pixels=d.max_upscale_pixels,
             ),
         ),
         200,

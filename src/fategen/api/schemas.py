@@ -231,6 +231,9 @@ class ModelInfo:
     available: bool | None = None
     #: Why not, when it cannot (one sentence).
     unavailable_reason: str | None = None
+    #: The kinds of job it takes: txt2img, and img2img (--image, --vary) and upscale when
+    #: this service has their workflows and a backend that can run them.
+    kinds: list[str] = attrs.field(factory=lambda: ["txt2img"])
 
 
 @attrs.frozen
@@ -243,6 +246,11 @@ class DefaultsInfo:
     min_size: int
     max_size: int
     max_pixels: int
+    #: Input images and follow-ups (see the model configuration's DEFAULTS).
+    img2img_strength: float = 0.6
+    vary_strength: float = 0.45
+    upscale_factor: float = 2.0
+    max_upscale_pixels: int = 3072 * 3072
 
 
 @attrs.frozen
