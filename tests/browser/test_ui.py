@@ -218,6 +218,16 @@ def follow_and_pause(stack: Stack, shots: Path) -> None:
         expect(page.locator("#paused")).to_be_hidden()
         expect(job(page, "running", third)).to_be_visible(timeout=WAIT)
         expect(job(page, "gallery", third).locator("img[src^='blob:']")).to_be_visible(timeout=WAIT)
+
+        # A follow-up says what it started from.
+        varied = submit(stack, f"--vary {first}:1")
+        thumb = job(page, "gallery", varied)
+        expect(thumb.locator("img[src^='blob:']")).to_be_visible(timeout=WAIT)
+        thumb.click()
+        expect(viewer).to_be_visible()
+        facts = viewer.locator("#viewer-facts")
+        expect(facts).to_contain_text(f"image 1 of job {first[:8]}, strength 0.45")
+        page.keyboard.press("Escape")
         assert page.evaluate("window.notReloaded") is True
         assert not errors, errors
 
@@ -225,7 +235,7 @@ def follow_and_pause(stack: Stack, shots: Path) -> None:
 async def test_ui_follows_a_job_to_its_image_and_pauses_the_queue(tmp_path: Path) -> None:
     async with open_stack(tmp_path, SimulatorKnobs(step_seconds=0.1), **ENV) as stack:
         await in_browser(stack, follow_and_pause, tmp_path)
-        assert len(stack.sim.executions) == 3
+        assert len(stack.sim.executions) == 4
 
 
 # -- a failed job, retried ------------------------------------------------------------------

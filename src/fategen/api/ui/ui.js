@@ -320,6 +320,7 @@ async function view(job) {
   const facts = [
     ["prompt", job.prompt], ["negative", job.negative], ["seed", job.seed], ["model", job.model],
     ["size", `${job.width}×${job.height}, ${job.count} image${job.count > 1 ? "s" : ""}`],
+    ["from", startedFrom(job)],
     ["nick", job.nick], ["backend", job.backend], ["submitted", clock(job.created)],
     ["started", `${clock(job.started)} (waited ${duration(seconds(job.started) - seconds(job.created))})`],
     ["finished", `${clock(job.finished)} (ran ${duration(seconds(job.finished) - seconds(job.started))})`],
@@ -328,6 +329,15 @@ async function view(job) {
   $("viewer-facts").replaceChildren(...facts.filter(([, v]) => v !== null && v !== "")
     .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
   dialog.showModal();
+}
+
+// "upscale of image 2 of job 3f0c2a9e", "an upload, strength 0.6"; null for a text job.
+function startedFrom(job) {
+  const input = job.input;
+  if (!input) return null;
+  const what = input.source === "job" ? `image ${input.image} of job ${input.job_id.slice(0, 8)}`
+    : input.source === "upload" ? "an upload" : input.source;
+  return job.kind === "upscale" ? `upscale of ${what}` : `${what}, strength ${input.strength}`;
 }
 
 function drawBackends(backends) {
