@@ -7,6 +7,7 @@ the service's ``/job``, ``/backends``, ``/ready``, and each simulator's ``/sim/e
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from PIL import Image
 
 from conftest import free_port, open_service, submit
 
@@ -342,6 +344,47 @@ async def test_a_backend_killed_mid_job_loses_it_to_the_other(tmp_path: Path) ->
     assert successes(ran) == Counter(ids), ran
     assert views[victim.name]["jobs_lost"] == 1, views[victim.name]
     assert views[survivor.name]["jobs_done"] == 4, views[survivor.name]
+
+
+async def test_an_img2img_job_lost_with_its_backend_is_uploaded_to_the_survivor(
+    tmp_path: Path,
+) -> None:
+    """The image a job starts from goes to whichever backend runs it: killed on one mid-job,
+    the job uploads its input again to the other, which runs it from that very image."""
+    a = SimProcess("a", tmp_path, step_seconds=0.04)
+    b = SimProcess("b", tmp_path, step_seconds=0.04)
+    sims = {"a": a, "b": b}
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 120, 40)).save(buffer, "PNG")
+    with trio.fail_after(40):
+        async with (
+            open_sims(a, b),
+            open_service(tmp_path, COMFYUI_BACKENDS=f"{entry(a)},{entry(b)}") as (running, client),
+        ):
+            await wait_checked(client, "a", "b")
+            r = await client.post(
+                "/request",
+                data={"message": f"a fox {SLOW} --strength 0.5", "nick": "al"},
+                files={"image": ("fox.png", buffer.getvalue(), "image/png")},
+            )
+            assert r.status_code == 200, r.text
+            job_id = r.json()["job_id"]
+            info = await wait_status(client, job_id, "processing")
+            victim = sims[info["backend"]]
+            survivor = b if victim is a else a
+            await trio.sleep(0.3)  # well into its steps
+            await victim.kill()
+            final = await wait_done(client, job_id)
+            ran = await survivor.executions()
+            kept = running.service.settings.output_dir / f"{job_id}-input.png"
+            stored = await trio.to_thread.run_sync(kept.read_bytes)
+            (record,) = [e for e in ran if e["prompt_id"] == job_id]
+            (name,) = record["input_images"]
+            async with httpx.AsyncClient(base_url=survivor.url, timeout=5) as comfy:
+                view = await comfy.get("/view", params={"filename": name, "type": "input"})
+    assert final["status"] == "completed" and final["backend"] == survivor.name, final
+    assert record["status"] == "success", record
+    assert view.status_code == 200 and view.content == stored  # the job's own input
 
 
 async def test_a_backend_enabled_while_another_dies_takes_its_jobs_calmly(
