@@ -387,3 +387,86 @@ def test_fuzzed_bytes_only_ever_end_in_an_input_image_error(
                 assert decoded(result).size == (24, 16)
     assert all(message and "\n" not in message for message in messages)
     assert inputimage.NOT_AN_IMAGE in messages and inputimage.DAMAGED in messages
+
+
+# --- colour profiles ----------------------------------------------------------------------------
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ " + b"\0" * 4 + _s15(x) + _s15(y) + _s15(z)
+
+
+def rgb_profile(primaries: tuple[tuple[float, float, float], ...], gamma: float = 2.2) -> bytes:
+    """An ICC v2 matrix/TRC display profile (what a phone's Display P3 is), built by hand:
+    Pillow can only make sRGB ones."""
+    curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    text = b"a wide-gamut display\0"
+    tags = [
+        (b"desc", b"desc" + b"\0" * 4 + struct.pack(">I", len(text)) + text + b"\0" * 78),
+        (b"wtpt", _xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", _xyz(*primaries[0])),
+        (b"gXYZ", _xyz(*primaries[1])),
+        (b"bXYZ", _xyz(*primaries[2])),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+        (b"cprt", b"text" + b"\0" * 4 + b"none\0\0\0\0"),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    entries, blobs = b"", b""
+    for signature, blob in tags:
+        blobs += b"\0" * (-(offset + len(blobs)) % 4)
+        entries += struct.pack(">4sII", signature, offset + len(blobs), len(blob))
+        blobs += blob
+    body = struct.pack(">I", len(tags)) + entries + blobs
+    header = (
+        struct.pack(">I", 128 + len(body))
+        + b"lcms"
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 24
+        + b"\0" * 4
+        + _s15(0.9642)
+        + _s15(1.0)
+        + _s15(0.8249)
+        + b"\0" * 48
+    )
+    return header + body
+
+
+#: Display P3's primaries, adapted to D50 (as an ICC profile holds them).
+P3 = ((0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841))
+
+
+def with_profile(color: tuple[int, int, int], profile: bytes, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), color).save(buffer, image_format, icc_profile=profile, quality=95)
+    return buffer.getvalue()
+
+
+def first_pixel(data: bytes) -> tuple[int, ...]:
+    with Image.open(io.BytesIO(data)) as image:
+        assert "icc_profile" not in image.info  # none carried over
+        return tuple(image.convert("RGB").getpixel((0, 0)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_a_display_p3_photo_is_turned_into_srgb(image_format: str) -> None:
+    data = with_profile((200, 100, 50), rgb_profile(P3), image_format)
+    red, green, blue = first_pixel(prepare(data, 32, 24, max_pixels=10_000))
+    # P3's (200, 100, 50) is a more saturated orange than sRGB's: about (216, 93, 24).
+    assert red >= 210 and green <= 97 and blue <= 32, (red, green, blue)
+
+
+def test_an_srgb_or_unusable_profile_keeps_the_pixels() -> None:
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for profile in (srgb, b"not a profile at all", rgb_profile(P3)[:200]):
+        data = with_profile((200, 100, 50), profile, "PNG")
+        pixel = first_pixel(prepare(data, 32, 24, max_pixels=10_000))
+        assert all(abs(a - b) <= 2 for a, b in zip(pixel, (200, 100, 50), strict=True)), pixel

@@ -8,11 +8,13 @@ refused before anything is decoded, by fategen's limit, not by Pillow's global
 ``MAX_IMAGE_PIXELS`` (which another library may have changed or turned off); Pillow's own
 decompression-bomb refusals, which can still come from inside a decoder, are refusals too.
 Every refusal is an :class:`InputImageError` whose text is one line a chat bot can relay;
-nothing else comes out of either function for bad input.
+nothing else comes out of either function for bad input. An embedded colour profile (a
+phone's Display P3, CMYK) is applied, so the PNG, which carries none, holds sRGB pixels.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from PIL import (
     ExifTags,
     GifImagePlugin,
     Image,
+    ImageCms,
     ImageFile,
     ImageOps,
     JpegImagePlugin,
@@ -56,6 +59,8 @@ _TRANSPOSE = {
 _WHITE = (255, 255, 255, 255)
 #: PNG's zlib level: 3 is several times faster than the default 6, a little larger.
 _COMPRESS_LEVEL = 3
+#: Modes whose colour profile is applied, and the mode the sRGB result has.
+_PROFILED = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB"}
 #: Importing the decoders registers them in ``Image.OPEN`` (Image.open would import them).
 _DECODERS = (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin)
 
@@ -178,8 +183,9 @@ def _prepare(data: bytes, size: tuple[int, int], max_pixels: int) -> bytes:
             # library in the process): check the file's own structure instead.
             _ensure_complete(data, image.format)
         image.load()  # the first frame: an animation's other frames are never decoded
+        profile = image.info.get("icc_profile")
         upright = image.transpose(_TRANSPOSE[orientation]) if orientation != 1 else image
-        rgb = _to_rgb(upright)
+        rgb = _to_rgb(_to_srgb(upright, profile))
     fitted = ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
     fitted.info = {}  # no ICC profile, EXIF, text or DPI carried into the PNG
     out = io.BytesIO()
@@ -206,6 +212,27 @@ def _ensure_complete(data: bytes, image_format: str | None) -> None:
         complete = len(data) >= declared
     if not complete:
         raise InputImageError(DAMAGED)
+
+
+@functools.cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _to_srgb(image: Image.Image, profile: object) -> Image.Image:
+    """The image in sRGB, when it carries a colour profile (a phone photo's Display P3, a
+    print's CMYK): ComfyUI, and the PNG without a profile, take pixels as sRGB. A profile
+    that cannot be read or used is ignored, as browsers do."""
+    if not isinstance(profile, bytes) or image.mode not in _PROFILED:
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        converted = ImageCms.profileToProfile(
+            image, source, _srgb(), outputMode=_PROFILED[image.mode]
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return image
+    return converted if isinstance(converted, Image.Image) else image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
