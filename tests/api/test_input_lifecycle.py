@@ -330,6 +330,30 @@ async def test_a_follow_up_is_replayed_after_the_job_it_follows_is_pruned(
             assert await inputs(output) == [f"{up}-input.png"]
 
 
+async def test_a_follow_up_route_is_replayed_after_the_job_it_follows_is_pruned(
+    tmp_path: Path,
+) -> None:
+    """The same through ``POST /job/{id}/upscale``: the route does not look the earlier job
+    up before the replay is."""
+    with trio.fail_after(30):
+        async with open_stack(tmp_path) as stack:
+            base = (await stack.submit(f"a fox {TINY}"))["job_id"]
+            assert (await stack.wait(base))["status"] == "completed"
+            await stack.client.post("/queue/pause")
+            key = {"Idempotency-Key": "up-3"}
+            body = {"nick": "alice", "n": 1}
+            first = await stack.client.post(f"/job/{base}/upscale", json=body, headers=key)
+            assert first.status_code == 200, first.text
+            output = output_of(stack)
+            assert await prune(stack.running.store, output, max_age=0, now=time.time() + 10) == 1
+            again = await stack.client.post(f"/job/{base}/upscale", json=body, headers=key)
+            assert again.status_code == 200, again.text
+            assert again.json()["job_id"] == first.json()["job_id"]
+            assert again.headers["Idempotent-Replayed"] == "true"
+            fresh = await stack.client.post(f"/job/{base}/upscale", json=body)
+            one_line(fresh, 400, f"there is no job {base} to follow up on")
+
+
 async def test_an_img2img_job_refused_by_a_cap_leaves_no_input(tmp_path: Path) -> None:
     env = {"FATEGEN_MAX_QUEUE_PER_USER": "1", "FATEGEN_SHUTDOWN_GRACE": "0", **LOCAL}
     with trio.fail_after(30):

@@ -465,3 +465,21 @@ def test_min_size_squared_must_fit_max_pixels() -> None:
     }
     with pytest.raises(ConfigError, match="minSize x minSize <= maxPixels"):
         parse_model_config(data)
+
+
+def test_vary_of_a_tall_upscale_keeps_within_the_sides() -> None:
+    request = parse(f"--vary {JOB}:1", base=earlier(count=1, width=512, height=4096))
+    d = CONFIG.defaults
+    assert d.min_size <= request.width <= d.max_size
+    assert d.min_size <= request.height <= d.max_size
+
+
+def test_fit_never_goes_below_min_size() -> None:
+    defaults = attrs.evolve(CONFIG.defaults, min_size=512, max_size=2048, max_pixels=768 * 768)
+    config = attrs.evolve(CONFIG, defaults=defaults)
+    for size in [(4000, 1000), (1000, 4000), (8000, 100), (1, 1)]:
+        request = parse_request(
+            "a cat --image https://x.example/a.png", config, image_size=size, rng=random.Random(1)
+        )
+        assert request.width >= 512 and request.height >= 512, (size, request)
+        assert request.width * request.height <= 768 * 768, (size, request)

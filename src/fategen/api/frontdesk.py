@@ -364,10 +364,14 @@ class Frontdesk:
             raise Refused("the service cannot keep the image now; try again later", 503) from None
 
     async def _forget_image(self, job_id: str) -> None:
-        """Delete an input image kept for a job that was not added after all."""
+        """Delete an input image kept for a job that was not added after all (a failure is
+        logged, never raised: it would hide why the job was not added; start-up deletes it)."""
         if self.output_dir is not None:
             path = input_path(self.output_dir, job_id)
-            await trio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
+            try:
+                await trio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
+            except OSError as exc:
+                log.warning("could not delete %s: %s", path, exc.strerror)
 
     async def submit(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import attrs
@@ -156,8 +157,13 @@ async def _queue(
 async def _follow_up(
     job_id: str, kind: str, data: UpscaleRequest
 ) -> tuple[SubmitResponse, int, dict[str, str]]:
-    view = await find_job(job_id)
-    return await _queue(data.nick, f"{data.message} --{kind} {view.id}:{data.n}".strip())
+    """A follow-up as the chat line ``--upscale ID:N``. The job is not looked up here: a
+    retry with its Idempotency-Key is answered even once the earlier job was pruned."""
+    try:
+        canonical = str(uuid.UUID(job_id))
+    except ValueError:
+        raise Refused(f"there is no job {job_id[:64]}", 404) from None
+    return await _queue(data.nick, f"{data.message} --{kind} {canonical}:{data.n}".strip())
 
 
 @blueprint.post("/job/<job_id>/upscale")

@@ -411,18 +411,20 @@ def _other_side(
 
 def _fit(image: tuple[int, int], pixels: int, config: ModelConfig) -> tuple[int, int]:
     """An input image's aspect ratio at ``pixels`` (at most ``maxPixels``), sides multiples
-    of 64 within the limits (a very long or tall image is cropped a little more: the sides
-    are clamped), never more than ``maxPixels``."""
+    of 64 within ``minSize``..``maxSize`` (a very long or tall image is cropped a little
+    more: the sides are clamped); if rounding passes ``maxPixels``, the longer side shrinks
+    (to a multiple of 8), never below ``minSize`` (``minSize`` squared fits, as checked)."""
     limits = config.defaults
     pixels = min(pixels, limits.max_pixels)
     ratio = Fraction(image[0], image[1])
     low, high = -(-limits.min_size // 8) * 8, limits.max_size // 8 * 8
     width = min(high, max(low, _round_to(math.sqrt(pixels * ratio), 64)))
     height = min(high, max(low, _round_to(math.sqrt(pixels / ratio), 64)))
-    if width * height > limits.max_pixels:  # rounding up passed the limit: scale down
-        scale = math.sqrt(limits.max_pixels / (width * height))
-        width = max(8, int(width * scale) // 8 * 8)
-        height = max(8, int(height * scale) // 8 * 8)
+    if width * height > limits.max_pixels:
+        if width >= height:
+            width = max(low, limits.max_pixels // height // 8 * 8)
+        else:
+            height = max(low, limits.max_pixels // width // 8 * 8)
     return width, height
 
 
@@ -627,8 +629,10 @@ def parse_request(
         width, height = _upscale_size(values, image_size or (base.width, base.height), config)
     elif base is not None:
         default = (base.width, base.height)
-        if base.width * base.height > defaults.max_pixels:  # an upscale's result, say
-            default = _fit(default, defaults.max_pixels, config)
+        sides_fit = all(defaults.min_size <= side <= defaults.max_size for side in default)
+        if base.width * base.height > defaults.max_pixels or not sides_fit:
+            # An upscale's result, say: its ratio, within what a job may be.
+            default = _fit(default, min(base.width * base.height, defaults.max_pixels), config)
         width, height = _size(values, default, config)
     else:
         ratio_of = image_size if image is not None else None

@@ -294,9 +294,15 @@ class ComfyWorker:
                 try:
                     posted = await self._submit(job)
                 except ComfyUnavailable as exc:
-                    # A failed upload counts: a backend that cannot take the image (a slow
-                    # link) must not get the job back for ever.
-                    requeued = await self._lose(job, str(exc), ran=isinstance(exc, UploadLost))
+                    # An upload that failed while the backend stayed up counts: a backend
+                    # that cannot take the image (a slow link) must not get the job back
+                    # for ever. One that went away meanwhile is an outage, as for a post.
+                    counts = (
+                        isinstance(exc, UploadLost)
+                        and self.backend.session.available
+                        and job.id not in self._cancels
+                    )
+                    requeued = await self._lose(job, str(exc), ran=counts)
                     self._release(job, lost=requeued)
                     continue
                 if not posted:
