@@ -335,3 +335,35 @@ async def test_a_job_whose_input_is_gone_fails_without_naming_a_path(tmp_path: P
             assert str(output) not in done["error"]
         else:  # it was posted ahead of the blocker, with its image, before the delete
             assert done["status"] == "completed"
+
+
+async def test_one_user_cannot_hold_every_fetch(tmp_path: Path) -> None:
+    red = png((64, 64), (200, 0, 0))
+    async with (
+        ImageServer({"cat.png": red}).running() as server,
+        open_stack(tmp_path, **LOCAL) as stack,
+    ):
+        answers: list[tuple[str, int, str]] = []
+        refused = trio.Event()
+
+        async def submit(nick: str, path: str) -> None:
+            r = await stack.client.post(
+                "/request",
+                json={"message": f"a cat --image {server.base}/{path} {TINY}", "nick": nick},
+            )
+            answers.append((nick, r.status_code, r.json().get("error", "")))
+            if sum(code == 429 for _, code, _ in answers) == 2:
+                refused.set()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(submit, "al", "held/cat.png")
+                await refused.wait()  # al's two past the two under way
+                await submit("bo", "cat.png")  # bo's fetch is not held up by al's
+                assert answers[-1][:2] == ("bo", 200), answers
+                server.release.set()
+        mine = sorted(code for nick, code, _ in answers if nick == "al")
+        assert mine == [200, 200, 429, 429], answers
+        errors = [error for _, code, error in answers if code == 429]
+        assert all("2 of your images are being fetched already" in e for e in errors), errors

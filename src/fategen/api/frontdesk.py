@@ -44,6 +44,8 @@ MAX_MESSAGE = 4000
 MAX_IDEMPOTENCY_KEY = 200
 #: Input images fetched at once; more submissions with a URL are refused (503) meanwhile.
 MAX_FETCHES = 8
+#: Of those, one user's at once: one user's slow image host cannot take every slot.
+MAX_FETCHES_PER_USER = 2
 #: Seconds a clean-up (deleting an input image of a job not added) may take when cancelled.
 _CLEANUP_SECONDS = 5
 
@@ -59,7 +61,8 @@ def _same_image(earlier: Job, message: str, attached: str | None, digest: str | 
     message."""
     image = earlier.request.image
     if attached == "upload":
-        return image is not None and image.source == "upload" and image.digest == digest
+        # A job stored before uploads had digests has none: its replay is taken on trust.
+        return image is not None and image.source == "upload" and image.digest in ("", digest)
     if attached is not None:
         return image is not None and image.source == attached
     if image is None or image.earlier is not None:
@@ -153,6 +156,8 @@ class Frontdesk:
     image_max_pixels: int = 40_000_000
     #: Image fetches under way (`MAX_FETCHES` at most).
     _fetches: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_FETCHES), init=False)
+    #: User -> their fetches under way (`MAX_FETCHES_PER_USER` at most).
+    _fetching: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     #: Decoding and re-encoding input images (Pillow, in threads): two at a time.
     _image_limiter: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(2), init=False
@@ -269,14 +274,16 @@ class Frontdesk:
         attached: str | None,
         digest: str | None = None,
         earlier_job: Job | None = None,
+        user: str = "",
     ) -> GenerationRequest:
         """Fetch (or read) the image the job starts from, check and re-encode it (Pillow, in a
         thread) and keep it as the job's input (`input_path`), before the job is added. A URL
         is fetched now: chat attachment URLs expire. For an img2img without a size, the
         request is parsed again with the image's size (it keeps the image's ratio).
 
-        At most `MAX_FETCHES` fetches run at once; past that a submission is refused (503,
-        ``Retry-After``) rather than queued, so a flood holds no memory.
+        At most `MAX_FETCHES` fetches run at once, `MAX_FETCHES_PER_USER` of one `user`; past
+        that a submission is refused (503, or 429 for the user, with ``Retry-After``) rather
+        than queued, so a flood holds no memory and one user cannot hold every slot.
 
         Raises:
             Refused: the image cannot be had or used (422), one sentence.
@@ -294,6 +301,13 @@ class Frontdesk:
             else:
                 if self.image_fetcher is None:
                     raise Refused("this service does not fetch images from URLs")
+                if self._fetching[user] >= MAX_FETCHES_PER_USER:
+                    raise Refused(
+                        f"{MAX_FETCHES_PER_USER} of your images are being fetched already; "
+                        "send the next when one of them is in",
+                        429,
+                        retry_after=5,
+                    )
                 try:
                     self._fetches.acquire_nowait()
                 except trio.WouldBlock:
@@ -302,10 +316,14 @@ class Frontdesk:
                         503,
                         retry_after=5,
                     ) from None
+                self._fetching[user] += 1
                 try:
                     data = await self.image_fetcher(image.source)
                 finally:
                     self._fetches.release()
+                    self._fetching[user] -= 1
+                    if not self._fetching[user]:
+                        del self._fetching[user]
             size = await trio.to_thread.run_sync(
                 functools.partial(inputimage.probe, data, max_pixels=self.image_max_pixels),
                 limiter=self._image_limiter,
@@ -492,10 +510,11 @@ class Frontdesk:
                 nick, message, request, idempotency_key, key_name, hook, webhook_started, previews
             )
         job_id = Job.new_id()
-        with self._reserved(user_of(key_name, nick), nick):
+        user = user_of(key_name, nick)
+        with self._reserved(user, nick):
             try:
                 request = await self._take_image(
-                    job_id, message, request, upload, attached, digest, earlier
+                    job_id, message, request, upload, attached, digest, earlier, user
                 )
                 return await self._add(
                     nick,
