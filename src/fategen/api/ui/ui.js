@@ -90,12 +90,19 @@ function showLogin(message) {
 
 function failed(e) {
   if (refusal(e)) logout(`Refused: ${e.message}`);
-  else notice(e.message);
+  else notice(e.message, true);
 }
 
-function notice(text) {
+// An error stays until a refresh succeeds; news ("Retried as job ...") for 20 s, whatever
+// refreshes meanwhile (a refresh right after it must not wipe it before it is read).
+let noticeIsError = false;
+function notice(text, error = false) {
   $("notice").textContent = text;
   $("notice").hidden = !text;
+  noticeIsError = Boolean(text) && error;
+  if (text && !error) {
+    setTimeout(() => { if ($("notice").textContent === text) notice(""); }, 20000);
+  }
 }
 
 // -- the event stream: fetch() and a small Server-Sent Events parser -----------------------
@@ -197,7 +204,7 @@ async function refresh() {
     jobs("failed", 20),
   ]);
   if (key === null) return; // logged out meanwhile
-  notice("");
+  if (noticeIsError) notice("");
   drawQueueState(queue);
   drawFigures(stats);
   $("running").replaceChildren(...processing.map(runningCard));
