@@ -39,30 +39,20 @@ def main(argv: list[str] | None = None) -> None:
         default=defaults.model_load_seconds,
         help=f"seconds to load a checkpoint (default: {defaults.model_load_seconds})",
     )
-    parser.add_argument(
-        "--checkpoint",
-        action="append",
-        dest="checkpoints",
-        help="a checkpoint name ComfyUI has (repeatable; default: "
-        + ", ".join(defaults.checkpoints)
-        + ")",
-    )
-    parser.add_argument(
-        "--lora",
-        action="append",
-        dest="loras",
-        help="a LoRA file name ComfyUI has (repeatable; default: "
-        + ", ".join(defaults.loras)
-        + ")",
-    )
-    parser.add_argument(
-        "--upscale-model",
-        action="append",
-        dest="upscale_models",
-        help="an upscale model file name ComfyUI has (repeatable; default: "
-        + ", ".join(defaults.upscale_models)
-        + ")",
-    )
+    #: The files ComfyUI "has": option, knob, what one is.
+    for option, knob, what in (
+        ("--checkpoint", "checkpoints", "a checkpoint name"),
+        ("--lora", "loras", "a LoRA file name"),
+        ("--upscale-model", "upscale_models", "an upscale model file name"),
+    ):
+        parser.add_argument(
+            option,
+            action="append",
+            dest=knob,
+            help=f"{what} ComfyUI has (repeatable; default: "
+            + ", ".join(getattr(defaults, knob))
+            + ")",
+        )
     parser.add_argument(
         "--token",
         help="require the header 'Authorization: Bearer TOKEN' on every request (default: none)",
@@ -80,12 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         model_load_seconds=args.model_load_seconds,
         required_token=args.token,
     )
-    if args.checkpoints:
-        knobs.checkpoints = list(args.checkpoints)
-    if args.loras:
-        knobs.loras = list(args.loras)
-    if args.upscale_models:
-        knobs.upscale_models = list(args.upscale_models)
+    for knob in ("checkpoints", "loras", "upscale_models"):
+        if getattr(args, knob):
+            setattr(knobs, knob, list(getattr(args, knob)))
     simulator = Simulator(knobs)
     try:
         trio.run(partial(serve_until_signalled, simulator, args.host, args.port))
